@@ -1,0 +1,50 @@
+# HERO Serve: every workflow is one target; `make test` and `make demo` set up first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TINY   := models/tiny/BUILD.json
+OUT    := out
+
+.PHONY: help setup test test-fast demo bench lint clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make setup   create .venv, install pinned deps, build the offline tiny model"
+	@echo "make test    setup, then run every test"
+	@echo "make demo    setup, then prune a real photo with HERO and draw what it kept"
+	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
+	@echo "make lint    ruff + mypy (strict on hero_core)"
+
+setup: $(STAMP) $(TINY)
+
+# torch first, from its pinned CPU build, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+$(TINY): $(STAMP) hero_core/tiny.py
+	$(BIN)/python -m hero_core.tiny models/tiny --force
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/python -m services.demo --out $(OUT)
+
+bench: setup
+	$(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy hero_core
+
+clean:
+	rm -rf $(VENV) models $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,64 @@
+"""`hero prune` as a user runs it, on a real photo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+
+
+def run_hero(*args):
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory, photo):
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    photo.save(path)
+    return path
+
+
+def test_prune_reports_counts_and_draws_the_kept_tokens(photo_path, tmp_path, tiny_dir):
+    viz = tmp_path / "kept.png"
+    out = run_hero("prune", str(photo_path), "--question", "What is she holding?",
+                   "--ratio", "0.111", "--method", "hero", "--viz", str(viz), "--json",
+                   "--models-dir", str(tiny_dir.parent))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["kept"] == sum(report["kept_per_crop"]) == 320
+    assert len(report["kept_per_crop"]) == 5 and report["grid"] == [2, 2]
+    assert report["relevance"] is True
+    picture = Image.open(viz)
+    assert picture.size[0] > picture.size[1] > 256
+    # Kept tokens are shown bright, dropped ones dimmed: the picture is not uniform.
+    assert len(set(picture.convert("L").getdata())) > 50
+
+
+def test_prune_text_report_names_each_crop(photo_path, tiny_dir):
+    out = run_hero("prune", str(photo_path), "-q", "a question", "-m", "fastervlm",
+                   "--models-dir", str(tiny_dir.parent))
+    assert out.returncode == 0, out.stderr
+    assert "thumbnail" in out.stdout and "tile 4" in out.stdout and "total" in out.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ratio", "1.5"], "retention ratio must be in (0, 1]"),
+    (["--ratio", "0"], "retention ratio must be in (0, 1]"),
+    (["--max-image-pixels", "100"], "max_image_pixels=100"),
+])
+def test_bad_input_exits_2_with_a_message_naming_the_limit(photo_path, tiny_dir, args, message):
+    out = run_hero("prune", str(photo_path), "--models-dir", str(tiny_dir.parent), *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_not_an_image_is_a_clear_error(tmp_path, tiny_dir):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("hello")
+    out = run_hero("prune", str(bogus), "--models-dir", str(tiny_dir.parent))
+    assert out.returncode == 2 and "could not be decoded" in out.stderr
