@@ -33,24 +33,29 @@ def allocate(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[
     remaining = min(max(total, 0), sum(max(c, 0) for c in caps))
     while remaining > 0:
         free = [i for i in range(n) if not fixed[i]]
-        w = [max(float(weights[i]), 0.0) for i in free]
+        w = [float(weights[i]) if math.isfinite(weights[i]) and weights[i] > 0 else 0.0
+             for i in free]
         if sum(w) <= 0.0:
             w = [1.0] * len(free)
-        scale = remaining / sum(w)
-        quota = {i: wi * scale for i, wi in zip(free, w, strict=True)}
+        total_w = sum(w)
+        quota = {i: remaining * (wi / total_w) for i, wi in zip(free, w, strict=True)}
         over = [i for i in free if quota[i] >= caps[i]]
         if over:
             for i in over:
-                alloc[i], fixed[i] = caps[i], True
-                remaining -= caps[i]
+                alloc[i] = min(caps[i], remaining)
+                fixed[i] = True
+                remaining -= alloc[i]
             continue
-        floors = {i: math.floor(q) for i, q in quota.items()}
+        floors = {i: min(math.floor(q), caps[i]) for i, q in quota.items()}
         left = remaining - sum(floors.values())
         by_remainder = sorted(free, key=lambda i: (floors[i] - quota[i], i))
         for i in free:
             alloc[i] = floors[i]
-        for i in by_remainder[:left]:
-            alloc[i] += 1
+        while left > 0:  # one pass suffices unless float rounding left more
+            for i in by_remainder:
+                if left > 0 and alloc[i] < caps[i]:
+                    alloc[i] += 1
+                    left -= 1
         break
     return alloc
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hero_core.budget import allocate, total_budget, zscore
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(total=st.integers(0, 5000),
        weights=st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=8),
        data=st.data())

@@ -1,0 +1,72 @@
+"""`make bench`: run every benchmark and rewrite docs/BENCHMARKS.md.
+
+Each benchmark returns a markdown section; this script adds the machine, the
+command and the date, so every number in the file can be traced to a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from loadtest.micro import hero_overhead
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, no GPU; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, {torch.get_num_threads()} torch threads")
+
+
+def overhead_section() -> str:
+    return hero_overhead.report(hero_overhead.run_timing(), hero_overhead.run_memory())
+
+
+SECTIONS: list[tuple[str, Callable[[], str]]] = [
+    ("hero overhead", overhead_section),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
+    args = parser.parse_args()
+    parts = []
+    for name, run in SECTIONS:
+        start = time.perf_counter()
+        print(f"bench: {name} ...", flush=True)
+        parts.append(run())
+        print(f"bench: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    today = datetime.date.today().isoformat()
+    header = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` on {today}. Machine: {machine()}.",
+        "",
+        "Ratios are measured side by side in one run; absolute times on a shared 2-core",
+        "machine are noisy. Re-run `make bench` to refresh every number here.",
+        "",
+    ]
+    args.out.write_text("\n".join(header + parts))
+    print(f"bench: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
