@@ -53,3 +53,6 @@ class Limits:
         require(self.max_image_bytes > 0, "Limits.max_image_bytes must be positive")
         require(self.max_image_pixels > 0, "Limits.max_image_pixels must be positive")
         require(self.max_prompt_chars > 0, "Limits.max_prompt_chars must be positive")
+
+
+DEFAULT_LIMITS = Limits()

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from hero_core.config import Limits
+from hero_core.config import DEFAULT_LIMITS, Limits
 from hero_core.errors import ImageDecodeError, ImageSizeError
 
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 """Container formats accepted from clients; anything else is refused before decoding."""
 
 
-def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
+def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """Decode `data` into an RGB image, checking size limits before the pixels are read.
 
     Raises `ImageSizeError` for empty, zero-sized or over-limit images and
@@ -45,7 +45,7 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | Path, limits: Limits = Limits()) -> Image.Image:
+def read_image(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     """Read and decode an image file with the same checks as `decode_image`."""
     try:
         data = Path(path).read_bytes()

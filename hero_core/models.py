@@ -76,8 +76,11 @@ def resolve_spec(name: str, models_dir: Path, device: str | None = None,
         spec = HUB_PRESETS[name]
     else:
         spec = ModelSpec(name)
-    changes = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    return dataclasses.replace(spec, **changes)
+    if device is not None:
+        spec = dataclasses.replace(spec, device=device)
+    if dtype is not None:
+        spec = dataclasses.replace(spec, dtype=dtype)
+    return spec
 
 
 @dataclasses.dataclass
@@ -130,6 +133,7 @@ def load_vlm(spec: ModelSpec) -> VLM:
     from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
 
     common = _hub_kwargs(spec)
+    model: Any
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(
             spec.model, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation,
@@ -155,7 +159,7 @@ def load_tiling(spec: ModelSpec, patch_size: int) -> TilingSpec:
     return TilingSpec(
         grid_pinpoints=tuple((int(h), int(w)) for h, w in proc.image_grid_pinpoints),
         crop_size=int(crop), patch_size=patch_size,
-        image_mean=tuple(proc.image_mean), image_std=tuple(proc.image_std),
+        image_mean=_triple(proc.image_mean), image_std=_triple(proc.image_std),
         resample=int(proc.resample), rescale_factor=float(proc.rescale_factor),
     )
 
@@ -178,8 +182,13 @@ def load_text_tower(spec: ModelSpec) -> tuple[TextEncoder | None, nn.Module | No
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load CLIP checkpoint {spec.text_tower!r}: {exc}") from exc
     del clip.vision_model
-    clip.to(spec.device).eval()
+    clip.to(spec.device).eval()  # type: ignore[arg-type]
     return TextEncoder(clip.text_model, clip.text_projection, tokenizer), clip.visual_projection
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
 
 
 def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def embed_packed(packed: PackedTokens, projector: nn.Module,
                  image_newline: torch.Tensor) -> torch.Tensor:
     """LLM input embeddings `(N + newlines, H)` for packed tokens: projector, then newlines."""
     param = image_newline
-    projected = projector(packed.features.to(param.device, param.dtype))
+    projected: torch.Tensor = projector(packed.features.to(param.device, param.dtype))
     newline = packed.newline_after.to(param.device)
     shift = torch.cumsum(newline.long(), 0) - newline.long()
     token_pos = torch.arange(packed.num_tokens, device=param.device) + shift
@@ -160,4 +160,5 @@ def merge_with_prompt(input_ids: torch.Tensor, image_embeds: torch.Tensor,
                           f"{image_embeds.shape[0]} image embeddings were given")
     embeds: torch.Tensor = embed_tokens(input_ids)
     mask3 = mask.unsqueeze(-1).expand_as(embeds)
-    return embeds.masked_scatter(mask3, image_embeds.to(embeds.dtype))
+    merged: torch.Tensor = embeds.masked_scatter(mask3, image_embeds.to(embeds.dtype))
+    return merged

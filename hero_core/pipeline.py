@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from PIL import Image
 
-from hero_core.config import Limits
+from hero_core.config import DEFAULT_LIMITS, Limits
 from hero_core.encoder import TextEncoder, VisionEncoder
 from hero_core.errors import ConfigError, InvalidRatioError, PromptTooLongError
 from hero_core.methods import PruningMethod
@@ -57,7 +57,7 @@ class Pruner:
     """Runs a pruning method end to end on one image."""
 
     def __init__(self, vision: VisionEncoder, tiling: TilingSpec,
-                 text: TextEncoder | None = None, limits: Limits = Limits()):
+                 text: TextEncoder | None = None, limits: Limits = DEFAULT_LIMITS):
         self.vision, self.tiling, self.text, self.limits = vision, tiling, text, limits
 
     def check_method(self, method: PruningMethod) -> None:

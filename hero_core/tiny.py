@@ -77,8 +77,13 @@ def vision_config() -> Any:
 
 
 def build_llava(out: Path, tokenizer: Any) -> Any:
-    from transformers import (LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+    from transformers import (
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
 
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
@@ -88,7 +93,7 @@ def build_llava(out: Path, tokenizer: Any) -> Any:
     )
     config = LlavaNextConfig(
         vision_config=vision_config().to_dict(), text_config=text.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=[list(p) for p in LLAVA_V16_PINPOINTS],
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", tie_word_embeddings=False,

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from hero_core.errors import UnknownMethodError
-from hero_core.methods.base import PruningMethod, Ranking, RankedMethod, select_prefixes
+from hero_core.methods.base import PruningMethod, RankedMethod, Ranking, select_prefixes
 from hero_core.methods.baselines import FasterVLM, Full, Random
 from hero_core.methods.guided import GlobalCom2, Hired
 from hero_core.methods.hero import Hero, HeroConfig
@@ -33,6 +33,11 @@ def create_method(name: str, **overrides: Any) -> PruningMethod:
 
 
 __all__ = [
-    "METHODS", "HeroConfig", "PruningMethod", "Ranking", "RankedMethod", "create_method",
+    "METHODS",
+    "HeroConfig",
+    "PruningMethod",
+    "RankedMethod",
+    "Ranking",
+    "create_method",
     "select_prefixes",
 ]

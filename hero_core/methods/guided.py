@@ -15,7 +15,7 @@ import torch
 from hero_core.budget import allocate, round_half_up, total_budget
 from hero_core.config import require
 from hero_core.encoder import EncodedCrops
-from hero_core.methods.base import Ranking, RankedMethod, rank_valid
+from hero_core.methods.base import RankedMethod, Ranking, rank_valid
 from hero_core.tiling import TileGrid
 
 

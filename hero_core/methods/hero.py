@@ -13,7 +13,7 @@ import torch
 from hero_core.budget import allocate, round_half_up, total_budget, zscore
 from hero_core.config import require
 from hero_core.encoder import EncodedCrops
-from hero_core.methods.base import Ranking, RankedMethod, rank_valid
+from hero_core.methods.base import RankedMethod, Ranking, rank_valid
 from hero_core.tiling import TileGrid
 
 
@@ -44,7 +44,7 @@ class HeroConfig:
     """Scores flatter than this standard deviation count as all equal."""
 
     def __post_init__(self) -> None:
-        require(0 <= self.object_layer and 0 <= self.artifact_layer, "layers must be >= 0")
+        require(self.object_layer >= 0 and self.artifact_layer >= 0, "layers must be >= 0")
         require(0.0 <= self.saliency_weight <= 1.0, "saliency_weight must be in [0, 1]")
         require(self.budget_temperature > 0, "budget_temperature must be > 0")
         require(self.thumbnail_share is None or 0.0 <= self.thumbnail_share <= 1.0,

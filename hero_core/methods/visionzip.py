@@ -65,7 +65,8 @@ class VisionZip(PruningMethod):
         budgets = allocate(min(budget, sum(per_crop)), [1.0] * len(caps), per_crop)
         scores = crops.attention[self.config.layer].cpu()
         keys = crops.keys[self.config.layer].cpu()
-        indices, features = [], []
+        indices: list[torch.Tensor] = []
+        features: list[torch.Tensor | None] = []
         for i, n in enumerate(budgets):
             order = rank_valid(scores[i], valid[i])
             contextual = min(round_half_up(n * self.config.contextual_fraction), n)

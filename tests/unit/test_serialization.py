@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 
 from hero_core.errors import CorruptPayloadError
 from hero_core.packing import PackedTokens
-from hero_core.serialization import (decode_record, encode_record, packed_from_bytes,
-                                     packed_to_bytes)
+from hero_core.serialization import decode_record, encode_record, packed_from_bytes, packed_to_bytes
 
 
 def packed(dtype=torch.float32, n=37, dim=24, seed=0):
