@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TINY   := models/tiny/BUILD.json
+GEN    := build/gen
+PROTOS := $(shell find protos -name '*.proto')
 OUT    := out
 
 .PHONY: help setup test test-fast demo bench lint clean
@@ -16,7 +18,7 @@ help:
 	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
 	@echo "make lint    ruff + mypy (strict on hero_core)"
 
-setup: $(STAMP) $(TINY)
+setup: $(STAMP) $(GEN)/.stamp $(TINY)
 
 # torch first, from its pinned CPU build, so nothing later pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -24,6 +26,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Generated gRPC code lives in a git-ignored folder that a .pth file puts on the
+# venv's import path, so `import hero.language.v1.language_pb2` works everywhere.
+$(GEN)/.stamp: $(STAMP) $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=$(GEN) --pyi_out=$(GEN) \
+		--grpc_python_out=$(GEN) $(PROTOS)
+	$(BIN)/python -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'hero_protos.pth').write_text(str(pathlib.Path('$(GEN)').resolve()) + '\n')"
 	touch $@
 
 $(TINY): $(STAMP) hero_core/tiny.py

@@ -7,24 +7,38 @@ into the prompt's embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from hero_core.packing import PackedTokens, embed_packed, expand_image_token, merge_with_prompt
 
-FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-"""Vicuna-style prompt used when a checkpoint's tokenizer has no chat template."""
-
 
 def format_prompt(tokenizer: Any, question: str) -> str:
     """The chat-formatted prompt for one image and one question."""
+    return format_chat(tokenizer, [("user", question)])
+
+
+def format_chat(tokenizer: Any, turns: Sequence[tuple[str, str]]) -> str:
+    """The chat-formatted prompt for (role, text) turns; the image opens the first user
+    turn. Uses the checkpoint's chat template, else a Vicuna-style layout."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
+        messages, placed = [], False
+        for role, text in turns:
+            content: list[dict[str, str]] = [{"type": "text", "text": text}]
+            if role == "user" and not placed:
+                content.insert(0, {"type": "image"})
+                placed = True
+            messages.append({"role": role, "content": content})
         return str(tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=True))
-    return FALLBACK_TEMPLATE.format(question=question)
+    parts, placed = [], False
+    for role, text in turns:
+        if role == "user" and not placed:
+            text, placed = "<image>\n" + text, True
+        parts.append(f"{role.upper()}: {text}" if role != "system" else text)
+    return " ".join(parts) + " ASSISTANT:"
 
 
 def build_inputs_embeds(model: Any, input_ids: torch.Tensor, packed: PackedTokens,

@@ -162,3 +162,56 @@ def merge_with_prompt(input_ids: torch.Tensor, image_embeds: torch.Tensor,
     mask3 = mask.unsqueeze(-1).expand_as(embeds)
     merged: torch.Tensor = embeds.masked_scatter(mask3, image_embeds.to(embeds.dtype))
     return merged
+
+
+def layout_keys(packed: PackedTokens, grid: TileGrid) -> torch.Tensor:
+    """Sort key `(N,)` of every token in LLaVA-NeXT order (thumbnail keys are negative)."""
+    crop, row, col = packed.crop.long(), packed.row.long(), packed.col.long()
+    width = grid.cols * grid.side
+    origin_r = ((crop - 1).clamp_min(0) // grid.cols) * grid.side
+    origin_c = ((crop - 1).clamp_min(0) % grid.cols) * grid.side
+    tile_key = (row + origin_r) * width + (col + origin_c)
+    thumb_key = row * grid.side + col - grid.tokens_per_crop
+    return torch.where(crop == 0, thumb_key, tile_key)
+
+
+def check_packed(packed: PackedTokens, grid: TileGrid, feature_dim: int) -> None:
+    """Raise `LayoutError` unless `packed` is exactly what `pack_tokens` makes for `grid`.
+
+    Checks the feature width, the grid (against the image size), that every token
+    is inside its crop and the unpadded window, that tokens are unique and in
+    LLaVA-NeXT order, and that newlines sit after the last token of each grid row.
+    """
+    n = packed.num_tokens
+    if packed.features.dim() != 2 or packed.features.shape[1] != feature_dim:
+        raise LayoutError(f"features must be (tokens, {feature_dim}) for this model, got "
+                          f"{tuple(packed.features.shape)}")
+    if n == 0:
+        raise LayoutError("no visual tokens were sent; keep at least one")
+    for name in ("crop", "row", "col", "newline_after"):
+        if tuple(getattr(packed, name).shape) != (n,):
+            raise LayoutError(f"layout.{name} must have one entry per token ({n})")
+    if packed.side != grid.side or packed.grid != (grid.rows, grid.cols):
+        raise LayoutError(f"a {packed.image_size[0]}x{packed.image_size[1]} image has a "
+                          f"{grid.rows}x{grid.cols} grid of {grid.side}-token crops on this model,"
+                          f" not {packed.grid[0]}x{packed.grid[1]} of {packed.side}")
+    if packed.full_tokens != grid.full_token_count:
+        raise LayoutError(f"full_tokens must be {grid.full_token_count} for this image, "
+                          f"got {packed.full_tokens}")
+    crop, row, col = packed.crop.long(), packed.row.long(), packed.col.long()
+    if int(crop.min()) < 0 or int(crop.max()) >= grid.num_crops:
+        raise LayoutError(f"crop indices must be in 0..{grid.num_crops - 1}")
+    if min(int(row.min()), int(col.min())) < 0 or max(int(row.max()), int(col.max())) >= grid.side:
+        raise LayoutError(f"row and col must be in 0..{grid.side - 1}")
+    valid = grid.valid_mask()[crop, row * grid.side + col]
+    if not bool(valid.all()):
+        raise LayoutError("a token lies in the letterbox padding that unpadding removes")
+    keys = layout_keys(packed, grid)
+    if n > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        raise LayoutError("tokens must be unique and in order: thumbnail in raster order, "
+                          "then the stitched tile grid in raster order")
+    global_row = torch.where(crop > 0, keys // (grid.cols * grid.side), -1)
+    expected = torch.ones(n, dtype=torch.bool)
+    expected[:-1] = global_row[1:] != global_row[:-1]
+    if not torch.equal(packed.newline_after.bool(), expected & (crop > 0)):
+        raise LayoutError("newline_after must mark the last kept token of each tile-grid row")

@@ -20,16 +20,16 @@ import torch
 from hero_core.tiling import CLIP_MEAN, CLIP_STD, LLAVA_V16_PINPOINTS
 
 SEED = 1234
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bump when the tiny checkpoint changes so `make setup` rebuilds it."""
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }} "
-    "{% elif message['role'] == 'user' %}USER: "
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}"
+    "ASSISTANT: {% endif %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %} "
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 CORPUS = """

@@ -1,0 +1,46 @@
+"""Exceptions -> gRPC status codes, in one place.
+
+Bad input -> INVALID_ARGUMENT, overload -> RESOURCE_EXHAUSTED, dependency down or
+draining -> UNAVAILABLE, deadline -> DEADLINE_EXCEEDED; anything else is INTERNAL
+with the request id logged, never the exception text (it may hold internals).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from hero_core.errors import HeroError, InvalidInputError
+
+log = logging.getLogger("hero.errors")
+
+
+class OverloadedError(HeroError):
+    """Every slot and queue place is taken; the client should back off and retry."""
+
+
+class UnavailableError(HeroError):
+    """A dependency is down or the server is draining."""
+
+
+class DeadlineError(HeroError):
+    """The request's deadline passed before it finished."""
+
+
+STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+
+
+def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for `exc`."""
+    for cls, code in STATUS:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    log.error("request %s failed", request_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"

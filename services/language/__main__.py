@@ -1,0 +1,3 @@
+from services.language.server import main
+
+main()

@@ -1,0 +1,64 @@
+"""Configuration of the language service (YAML file plus HERO_LANGUAGE_* variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "HERO_LANGUAGE_"
+
+
+class LimitsConfig(BaseModel):
+    """Per-request limits; a request past any of them gets INVALID_ARGUMENT."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(512, ge=1)
+    """Largest max_new_tokens a request may ask for."""
+    max_prompt_tokens: int = Field(2048, ge=1)
+    """Longest prompt in tokens, visual tokens excluded."""
+    max_prompt_chars: int = Field(16384, ge=1)
+    """Longest prompt in characters (checked before tokenising)."""
+    max_visual_tokens: int = Field(8192, ge=1)
+    """Most visual tokens one request may carry."""
+    max_stop_strings: int = Field(8, ge=0)
+    max_stop_chars: int = Field(64, ge=1)
+    max_messages: int = Field(64, ge=1)
+    """Most chat turns in one request."""
+
+
+class LanguageConfig(BaseModel):
+    """Everything the language service reads at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"
+    """Preset (tiny, llava-v1.6-vicuna-7b, ...), checkpoint directory or hub id."""
+    models_dir: Path = Path("models")
+    """Where the tiny preset lives."""
+    device: str = "cpu"
+    """torch device: cpu, cuda, cuda:1, ..."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    host: str = "127.0.0.1"
+    """Address to bind; 0.0.0.0 inside a container."""
+    port: int = Field(50052, ge=0, le=65535)
+    """gRPC port; 0 picks a free one."""
+    max_concurrency: int = Field(1, ge=1)
+    """Generations that run at once (worker threads)."""
+    max_queue: int = Field(8, ge=0)
+    """Requests that may wait for a slot; past that, RESOURCE_EXHAUSTED at once."""
+    accepted_dtypes: list[Literal["float32", "float16", "bfloat16", "int8"]] = Field(
+        default_factory=lambda: ["float32", "float16", "bfloat16", "int8"])
+    """Feature dtypes accepted on the wire."""
+    reflection: bool = True
+    """Serve gRPC server reflection (grpcurl, Postman)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    """Prometheus /metrics port; 0 turns it off."""
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """How long in-flight calls may finish after SIGTERM."""
+    warmup: bool = True
+    """Run one tiny generation before reporting SERVING."""
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)

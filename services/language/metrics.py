@@ -1,0 +1,47 @@
+"""Prometheus metrics of the language service."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 320, 640, 1024, 2048, 2928, 4096, 8192)
+
+
+class LanguageMetrics:
+    """All language-service metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("hero_language_requests", "Generate calls by final status code",
+                                ["code"], registry=r)
+        self.errors = Counter("hero_language_errors", "Generate calls that ended in an error",
+                              ["code"], registry=r)
+        self.in_flight = Gauge("hero_language_in_flight", "Generations running now", registry=r)
+        self.ttft = Histogram("hero_language_ttft_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS_S, registry=r)
+        self.prefill = Histogram("hero_language_prefill_seconds", "Prefill forward time",
+                                 buckets=LATENCY_BUCKETS_S, registry=r)
+        self.decode_rate = Histogram("hero_language_decode_tokens_per_second",
+                                     "Decode speed after the first token", buckets=RATE_BUCKETS,
+                                     registry=r)
+        self.visual_tokens = Histogram("hero_language_visual_tokens",
+                                       "Visual tokens received per request",
+                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.completion_tokens = Counter("hero_language_completion_tokens",
+                                         "Tokens generated", registry=r)
+
+    def finish(self, code: str) -> None:
+        self.requests.labels(code).inc()
+        if code != "OK":
+            self.errors.labels(code).inc()
+
+    def observe_generation(self, ttft_ms: float, prefill_ms: float, tokens_per_s: float,
+                           completion_tokens: int) -> None:
+        self.ttft.observe(ttft_ms / 1e3)
+        self.prefill.observe(prefill_ms / 1e3)
+        if tokens_per_s > 0:
+            self.decode_rate.observe(tokens_per_s)
+        self.completion_tokens.inc(completion_tokens)

@@ -1,0 +1,296 @@
+"""The language service: a thin grpc.aio adapter around an `Engine`.
+
+    python -m services.language [--config language.yaml]
+
+A `Generate` stream is read as header, visual tokens, chunks; everything is checked
+against the loaded model before a slot is taken; text streams back as it is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from hero.common.v1 import tensor_pb2 as common_pb2
+from hero.language.v1 import language_pb2, language_pb2_grpc
+
+from hero_core.errors import InvalidInputError, PromptTooLongError
+from services.common.admission import Admission
+from services.common.codec import (
+    DTYPE_NAMES,
+    ChunkAssembler,
+    check_tensor_header,
+    packed_from_layout,
+)
+from services.common.config import load_config
+from services.common.errors import UnavailableError, status_for
+from services.common.metrics import serve_metrics
+from services.language.config import ENV_PREFIX, LanguageConfig, LimitsConfig
+from services.language.engine import Delta, Engine, EngineRequest, Finished, SamplingParams
+from services.language.metrics import LanguageMetrics
+
+log = logging.getLogger("hero.language")
+SERVICE = language_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
+FINISH = {"eos": common_pb2.FINISH_REASON_EOS, "length": common_pb2.FINISH_REASON_LENGTH,
+          "stop": common_pb2.FINISH_REASON_STOP,
+          "cancelled": common_pb2.FINISH_REASON_UNSPECIFIED}
+_DONE = object()
+
+
+def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> SamplingParams:
+    """Sampling parameters from the wire, or `InvalidInputError` naming the bad one."""
+    if not 1 <= params.max_new_tokens <= limits.max_new_tokens:
+        raise InvalidInputError(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got "
+                                f"{params.max_new_tokens}")
+    if not 0.0 <= params.temperature <= 2.0:
+        raise InvalidInputError(f"temperature must be in [0, 2], got {params.temperature:g}")
+    if not 0.0 <= params.top_p <= 1.0:
+        raise InvalidInputError(f"top_p must be in (0, 1] (0 = off), got {params.top_p:g}")
+    if len(params.stop) > limits.max_stop_strings or any(
+            not 0 < len(s) <= limits.max_stop_chars for s in params.stop):
+        raise InvalidInputError(f"stop takes at most {limits.max_stop_strings} non-empty strings "
+                                f"of at most {limits.max_stop_chars} characters")
+    return SamplingParams(params.max_new_tokens, float(params.temperature),
+                          float(params.top_p) or 1.0, int(params.seed), tuple(params.stop))
+
+
+def messages_of(header: language_pb2.GenerateHeader,
+                limits: LimitsConfig) -> tuple[tuple[str, str], ...]:
+    """(role, text) turns of the header's prompt or chat."""
+    which = header.WhichOneof("input")
+    if which == "prompt":
+        turns: tuple[tuple[str, str], ...] = (("user", header.prompt),)
+    elif which == "chat":
+        if len(header.chat.messages) > limits.max_messages:
+            raise InvalidInputError(f"at most {limits.max_messages} chat messages are accepted")
+        turns = tuple((m.role, m.content) for m in header.chat.messages)
+    else:
+        raise InvalidInputError("the header must carry a prompt or chat messages")
+    chars = sum(len(text) for _, text in turns)
+    if chars > limits.max_prompt_chars:
+        raise PromptTooLongError(f"prompt is {chars} characters, above max_prompt_chars="
+                                 f"{limits.max_prompt_chars}; shorten it")
+    return turns
+
+
+async def _next(stream: AsyncIterator[language_pb2.GenerateRequest], want: str) -> Any:
+    try:
+        message = await anext(stream)
+    except StopAsyncIteration:
+        raise InvalidInputError(f"the stream ended before the {want} message") from None
+    if message.WhichOneof("part") != want:
+        raise InvalidInputError(f"expected a {want} message, got "
+                                f"{message.WhichOneof('part') or 'an empty message'}")
+    return getattr(message, want)
+
+
+class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
+    """Implements hero.language.v1.LanguageService over an engine."""
+
+    def __init__(self, config: LanguageConfig, metrics: LanguageMetrics):
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.admission = Admission(config.max_concurrency, config.max_queue)
+        self.executor = ThreadPoolExecutor(config.max_concurrency, "hero-generate")
+        self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
+
+    async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> language_pb2.ModelInfo:
+        engine = self._engine()
+        return language_pb2.ModelInfo(
+            model=engine.info.model, feature_dim=engine.info.feature_dim,
+            tokens_per_side=engine.info.tiling.side, accepted_dtypes=sorted(self.accepted),
+            max_new_tokens_limit=self.limits.max_new_tokens,
+            max_prompt_tokens=self.limits.max_prompt_tokens)
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self.engine
+
+    async def Generate(self, request_iterator: AsyncIterator[language_pb2.GenerateRequest],
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[language_pb2.GenerateResponse]:
+        arrival, request_id, code = time.perf_counter(), "-", grpc.StatusCode.OK
+        try:
+            header = await _next(request_iterator, "header")
+            request_id = header.request_id[:128] or uuid.uuid4().hex
+            ticket = self.admission.reserve()  # refuse at once when full
+            try:
+                request = await self._read_request(header, request_id, request_iterator)
+                self.metrics.visual_tokens.observe(request.packed.num_tokens)
+                async with ticket:
+                    queue_ms = (time.perf_counter() - arrival) * 1e3
+                    async for response in self._stream(request, arrival, queue_ms):
+                        yield response
+            finally:
+                ticket.release()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # every failure leaves as one status, mapped in one place
+            code, message = status_for(exc, request_id)
+            await context.abort(code, message)
+        finally:
+            self.metrics.finish(code.name)
+
+    async def _read_request(self, header: language_pb2.GenerateHeader, request_id: str,
+                            stream: AsyncIterator[language_pb2.GenerateRequest]
+                            ) -> EngineRequest:
+        engine = self._engine()
+        params = check_params(header.params, self.limits)
+        turns = messages_of(header, self.limits)
+        tokens = await _next(stream, "tokens")
+        check_tensor_header(tokens.features, engine.info.feature_dim, self.accepted,
+                            self.limits.max_visual_tokens)
+        assembler = ChunkAssembler(tokens.features)
+        while not assembler.complete:
+            assembler.add(await _next(stream, "chunk"))
+        packed = packed_from_layout(tokens.layout, assembler.tensor())
+        request = EngineRequest(request_id, packed, turns, params)
+        engine.check(request, self.limits.max_prompt_tokens)
+        return request
+
+    async def _stream(self, request: EngineRequest, arrival: float, queue_ms: float
+                      ) -> AsyncIterator[language_pb2.GenerateResponse]:
+        self.metrics.in_flight.inc()
+        try:
+            async for event in self._events(request):
+                if isinstance(event, Delta):
+                    yield language_pb2.GenerateResponse(delta=language_pb2.TextDelta(
+                        text=event.text, token_ids=event.token_ids))
+                else:
+                    yield language_pb2.GenerateResponse(usage=self._usage(event, arrival,
+                                                                          queue_ms))
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _usage(self, done: Finished, arrival: float, queue_ms: float) -> common_pb2.Usage:
+        ttft_ms = (done.first_token_at - arrival) * 1e3 if done.first_token_at else 0.0
+        self.metrics.observe_generation(ttft_ms, done.prefill_ms, done.decode_tokens_per_s,
+                                        done.completion_tokens)
+        return common_pb2.Usage(
+            prompt_tokens=done.prompt_tokens, visual_tokens=done.visual_tokens,
+            completion_tokens=done.completion_tokens, prefill_ms=done.prefill_ms,
+            ttft_ms=ttft_ms, decode_tokens_per_s=done.decode_tokens_per_s, queue_ms=queue_ms,
+            finish_reason=FINISH[done.finish_reason])
+
+    async def _events(self, request: EngineRequest) -> AsyncIterator[Delta | Finished]:
+        """Run the engine in a worker thread; stop it when the call ends for any reason."""
+        engine = self._engine()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for event in engine.generate(request, stop.is_set):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+            except BaseException as exc:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self.executor, work)
+        try:
+            while (event := await queue.get()) is not _DONE:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            stop.set()
+            # The slot is free only once the worker has really stopped (<= one step).
+            await asyncio.shield(future)
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    servicer: LanguageServicer
+    health: Any
+    metrics_port: int | None
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.servicer.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_server(config: LanguageConfig,
+                       load_engine: Callable[[], Engine]) -> RunningServer:
+    """Bind, report NOT_SERVING, load and warm the engine in a thread, then SERVING."""
+    metrics = LanguageMetrics()
+    servicer = LanguageServicer(config, metrics)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20),
+                                      ("grpc.so_reuseport", 0)])
+    language_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME,
+                                             reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    metrics_port = serve_metrics(metrics.registry, config.metrics_host, config.metrics_port)
+
+    def load() -> Engine:
+        engine = load_engine()
+        if config.warmup:
+            engine.warmup()
+        return engine
+
+    servicer.engine = await asyncio.to_thread(load)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("language service SERVING on %s:%d (model %s)", config.host, port, config.model)
+    return RunningServer(server, port, servicer, health_servicer, metrics_port)
+
+
+async def serve(config: LanguageConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    from hero_core.models import resolve_spec
+    from services.language.engine import engine_from_spec
+
+    spec = resolve_spec(config.model, config.models_dir, config.device, config.dtype)
+    running = await start_server(config, lambda: engine_from_spec(spec))
+    print(f"language service ready on {config.host}:{running.port}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("draining for up to %.0f s", config.shutdown_grace_s)
+    await running.stop(config.shutdown_grace_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="HERO Serve language service")
+    parser.add_argument("--config", type=Path, help="YAML file (env HERO_LANGUAGE_* overrides)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
+                        "%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = load_config(LanguageConfig, args.config, ENV_PREFIX, os.environ)
+    asyncio.run(serve(config))

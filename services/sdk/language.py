@@ -1,0 +1,116 @@
+"""Python client of hero.language.v1.LanguageService (asyncio and blocking).
+
+    async with LanguageClient("127.0.0.1:50052") as client:
+        async for part in client.generate(packed, "What is shown?", max_new_tokens=64):
+            ...  # language_pb2.TextDelta, then a final common_pb2.Usage
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from hero.common.v1 import tensor_pb2 as common_pb2
+from hero.language.v1 import language_pb2, language_pb2_grpc
+
+from hero_core.packing import PackedTokens
+from services.common.codec import DTYPE_NAMES, MAX_CHUNK_BYTES, packed_messages
+
+Part = language_pb2.TextDelta | common_pb2.Usage
+
+
+def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader, dtype: str,
+                      chunk_bytes: int) -> Iterator[language_pb2.GenerateRequest]:
+    """The request stream of one Generate call: header, tokens, chunks."""
+    layout, tensor, chunks = packed_messages(packed, DTYPE_NAMES[dtype], chunk_bytes)
+    yield language_pb2.GenerateRequest(header=header)
+    yield language_pb2.GenerateRequest(tokens=language_pb2.VisualTokens(layout=layout,
+                                                                          features=tensor))
+    for chunk in chunks:
+        yield language_pb2.GenerateRequest(chunk=chunk)
+
+
+def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
+                request_id: str, max_new_tokens: int, temperature: float, top_p: float,
+                seed: int, stop: Sequence[str]) -> language_pb2.GenerateHeader:
+    params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed, stop=list(stop))
+    header = language_pb2.GenerateHeader(request_id=request_id or uuid.uuid4().hex,
+                                         params=params)
+    if messages is not None:
+        header.chat.messages.extend(common_pb2.ChatMessage(role=r, content=c)
+                                    for r, c in messages)
+    else:
+        header.prompt = prompt or ""
+    return header
+
+
+class LanguageClient:
+    """Async client; one channel, many concurrent calls."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = ()):
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options)
+                        if credentials else grpc.aio.insecure_channel(target, options=options))
+        self.stub = language_pb2_grpc.LanguageServiceStub(self.channel)
+
+    async def __aenter__(self) -> LanguageClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def model_info(self, timeout: float | None = None) -> language_pb2.ModelInfo:
+        return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=timeout)
+
+    async def generate(self, packed: PackedTokens, prompt: str | None = None, *,
+                       messages: Sequence[tuple[str, str]] | None = None,
+                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int = 0, stop: Sequence[str] = (), request_id: str = "",
+                       dtype: str = "float16", timeout: float | None = None,
+                       chunk_bytes: int = MAX_CHUNK_BYTES) -> AsyncIterator[Part]:
+        """Stream one generation: `TextDelta`s, then one `Usage`.
+
+        Raises `grpc.aio.AioRpcError` with the server's status on failure; breaking
+        out of the loop cancels the call and frees the server's slot.
+        """
+        header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
+                             seed, stop)
+        call = self.stub.Generate(generate_requests(packed, header, dtype, chunk_bytes),
+                                  timeout=timeout)
+        try:
+            async for response in call:
+                yield getattr(response, response.WhichOneof("part"))
+        finally:
+            call.cancel()
+
+
+class SyncLanguageClient:
+    """Blocking wrapper of `LanguageClient` for scripts and notebooks."""
+
+    def __init__(self, target: str, **kwargs: Any):
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(self._make(target, kwargs))
+
+    @staticmethod
+    async def _make(target: str, kwargs: dict[str, Any]) -> LanguageClient:
+        return LanguageClient(target, **kwargs)
+
+    def generate(self, packed: PackedTokens, prompt: str | None = None,
+                 **kwargs: Any) -> list[Part]:
+        """All parts of one generation (deltas then usage)."""
+        async def collect() -> list[Part]:
+            return [p async for p in self._client.generate(packed, prompt, **kwargs)]
+        return self._loop.run_until_complete(collect())
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()

@@ -1,0 +1,99 @@
+"""Real language servers on free loopback ports, run in a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from hero.language.v1 import language_pb2_grpc
+
+from hero_core.generation import format_prompt, generate_greedy
+from hero_core.methods import create_method
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """A language server on 127.0.0.1:<free port> with its own event loop thread."""
+
+    def __init__(self, config, load_engine: Callable):
+        from services.language.server import start_server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pending = asyncio.run_coroutine_threadsafe(start_server(config, load_engine),
+                                                        self.loop)
+        self.running = None
+
+    def ready(self, timeout: float = 120):
+        self.running = self.pending.result(timeout)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def servicer(self):
+        return self.running.servicer
+
+    def stub(self) -> language_pb2_grpc.LanguageServiceStub:
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return language_pb2_grpc.LanguageServiceStub(channel)
+
+    def stop(self, grace: float = 0.0) -> None:
+        if self.running:
+            asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    from hero_core.models import resolve_spec
+    from services.language.engine import TransformersEngine
+
+    return TransformersEngine(resolve_spec("tiny", tiny_dir.parent))
+
+
+def language_config(**overrides):
+    from services.language.config import LanguageConfig
+
+    settings = {"port": 0, "metrics_port": 0, "warmup": False, **overrides}
+    return LanguageConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> Iterator[ServerThread]:
+    srv = ServerThread(language_config(max_concurrency=1, max_queue=2), lambda: engine).ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def astronaut_tokens(pruner, photo):
+    """HERO-pruned tokens of a real photo, from hero_core."""
+    return pruner.prune(photo, "What is the astronaut holding?", create_method("hero"),
+                        0.111).packed
+
+
+@pytest.fixture(scope="session")
+def reference(vlm):
+    def run(packed, question, max_new_tokens):
+        prompt = format_prompt(vlm.tokenizer, question)
+        tokens = generate_greedy(vlm.model, vlm.tokenizer, packed, prompt, vlm.image_token_id,
+                                 max_new_tokens)
+        eos = vlm.model.generation_config.eos_token_id
+        return tokens[: tokens.index(eos)] if eos in tokens else tokens
+    return run
