@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from loadtest.micro import hero_overhead
+from loadtest.micro import hero_overhead, wire
 
 
 def machine() -> str:
@@ -39,8 +39,13 @@ def overhead_section() -> str:
     return hero_overhead.report(hero_overhead.run_timing(), hero_overhead.run_memory())
 
 
+def wire_section() -> str:
+    return wire.report(wire.run())
+
+
 SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("hero overhead", overhead_section),
+    ("wire bytes and streaming", wire_section),
 ]
 
 
