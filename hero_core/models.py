@@ -124,12 +124,28 @@ class VLM:
 
     def encoder_fingerprint(self) -> str:
         """Identifies everything that determines the encoded features of an image."""
-        blob = f"{self.spec.compute_hash()}|{self.config.vision_feature_layer}|{self.tiling}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return encoder_fingerprint(self.spec, self.config.vision_feature_layer, self.tiling)
 
 
-def load_vlm(spec: ModelSpec) -> VLM:
-    """Load a LLaVA-NeXT checkpoint and (optionally) the CLIP text tower for `spec`."""
+def encoder_fingerprint(spec: ModelSpec, feature_layer: Any, tiling: TilingSpec) -> str:
+    """Fingerprint of checkpoint, dtype, feature layer and tiling (cache keys use it)."""
+    blob = f"{spec.compute_hash()}|{feature_layer}|{tiling}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PARTS = ("all", "vision", "language")
+
+
+def load_vlm(spec: ModelSpec, parts: str = "all") -> VLM:
+    """Load a LLaVA-NeXT checkpoint and (optionally) the CLIP text tower for `spec`.
+
+    `parts="vision"` keeps the vision tower and the text tower (what the vision
+    service runs); `parts="language"` keeps projector, image_newline and the LLM
+    (what the language service runs). The unused half is freed before the model
+    moves to its device.
+    """
+    if parts not in PARTS:
+        raise ValueError(f"parts must be one of {PARTS}")
     from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
 
     common = _hub_kwargs(spec)
@@ -145,8 +161,13 @@ def load_vlm(spec: ModelSpec) -> VLM:
     if model.config.vision_feature_select_strategy != "default":
         raise ModelLoadError("only vision_feature_select_strategy='default' (CLS dropped) "
                              "is supported")
+    if parts == "vision":
+        del model.model.language_model, model.lm_head
+    elif parts == "language":
+        del model.model.vision_tower
     model.to(spec.device).eval()
-    text_encoder, visual_projection = load_text_tower(spec)
+    text_encoder, visual_projection = (None, None) if parts == "language" \
+        else load_text_tower(spec)
     return VLM(spec, model, tokenizer, tiling, text_encoder, visual_projection)
 
 

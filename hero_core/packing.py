@@ -82,10 +82,12 @@ class PackedTokens:
         return torch.bincount(self.crop.long(), minlength=crops).tolist()
 
 
-def pack_tokens(selection: Selection, features: torch.Tensor, grid: TileGrid) -> PackedTokens:
+def pack_tokens(selection: Selection, features: torch.Tensor | None,
+                grid: TileGrid) -> PackedTokens:
     """Order the kept tokens the way LLaVA-NeXT feeds them to the LLM.
 
-    features: `(K+1, side*side, D)` pre-projector features of all crops.
+    features: `(K+1, side*side, D)` pre-projector features of all crops, or None when
+    the selection carries every crop's features itself.
     At full retention the result equals the stock model's packing, newlines included.
     """
     side = grid.side
@@ -94,7 +96,10 @@ def pack_tokens(selection: Selection, features: torch.Tensor, grid: TileGrid) ->
     for crop, index in enumerate(selection.indices):
         index = index.to(torch.long).cpu()
         feats = selection.features[crop]
-        feats = features[crop, index.to(features.device)] if feats is None else feats
+        if feats is None:
+            if features is None:
+                raise ValueError(f"crop {crop} has no features in the selection")
+            feats = features[crop, index.to(features.device)]
         rows, cols = index // side, index % side
         if crop == 0:
             key = index - grid.tokens_per_crop  # thumbnail first, raster order
@@ -113,8 +118,9 @@ def pack_tokens(selection: Selection, features: torch.Tensor, grid: TileGrid) ->
     # A newline ends every stitched-grid row that keeps at least one token.
     last_in_row = torch.ones_like(global_row, dtype=torch.bool)
     last_in_row[:-1] = global_row[1:] != global_row[:-1]
+    stacked = torch.cat(parts_feat)
     return PackedTokens(
-        features=torch.cat(parts_feat)[order.to(features.device)],
+        features=stacked[order.to(stacked.device)],
         crop=crop_ids.to(torch.int16), row=pos[:, 0].to(torch.int16),
         col=pos[:, 1].to(torch.int16), newline_after=last_in_row & (crop_ids > 0),
         image_size=grid.image_size, grid=(grid.rows, grid.cols), side=side,

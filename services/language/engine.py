@@ -113,9 +113,8 @@ class TransformersEngine:
     """LLaVA-NeXT's projector, image_newline and LLM from a Hugging Face checkpoint."""
 
     def __init__(self, spec: ModelSpec):
-        vlm = load_vlm(dataclasses.replace(spec, text_tower=None))
-        # The vision tower runs in the vision service; free its memory here.
-        del vlm.model.model.vision_tower
+        # The vision tower runs in the vision service; only the language half loads here.
+        vlm = load_vlm(spec, parts="language")
         self.model, self.tokenizer = vlm.model, vlm.tokenizer
         self.image_token_id = vlm.image_token_id
         self.device = torch.device(spec.device)
