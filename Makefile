@@ -40,15 +40,18 @@ $(GEN)/.stamp: $(STAMP) $(PROTOS)
 $(TINY): $(STAMP) hero_core/tiny.py
 	$(BIN)/python -m hero_core.tiny models/tiny --force
 
+# Unit and service tests bind 127.0.0.1 only. The integration tests start Ray, which
+# binds some ports on every interface, so they run in a private network namespace.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit tests/service
+	scripts/isolated $(BIN)/python -m pytest -q tests/integration
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit
 
 demo: setup
 	@mkdir -p $(OUT)
-	$(BIN)/python -m services.demo --out $(OUT)
+	scripts/isolated $(BIN)/python -m services.demo --out $(OUT)
 
 bench: setup
 	$(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md

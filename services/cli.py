@@ -1,8 +1,10 @@
-"""`hero`: the command-line client of HERO Serve.
+"""`hero`: the command line of HERO Serve.
 
-    hero prune IMAGE --question Q --ratio R --method M [--viz out.png]
+    hero prune IMAGE --question Q --ratio R --method M [--viz out.png]   (in process)
+    hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops)
+    hero ask IMAGE "question"           (streams the answer from a running system)
 
-All plumbing lives here; the work is done by hero_core.
+All plumbing lives here; the work is done by hero_core and the services.
 """
 
 from __future__ import annotations
@@ -82,6 +84,69 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"picture    {report['viz']}")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from services.local import LocalSystem
+
+    vision_args: dict[str, Any] = {"device": args.device or "cpu"}
+    if args.dtype:
+        vision_args["dtype"] = args.dtype
+    system = LocalSystem(args.model, args.models_dir, args.redis_url, args.grpc_port,
+                         args.language_port, args.num_cpus, vision_args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("starting Redis, the language service and the vision service ...", flush=True)
+    system.start()
+    try:
+        redis = args.redis_url or f"private Redis on {system.redis.url if system.redis else '?'}"
+        print(f"HERO Serve ready: VisionService on {system.target} (cache: {redis}, "
+              f"language service on {system.language.target}). Ctrl-C stops.", flush=True)
+        stop.wait()
+    finally:
+        print("stopping ...", flush=True)
+        system.stop()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.sdk.vision import VisionClient
+
+    image = None if args.image_id else args.image
+    usage = None
+    try:
+        with VisionClient(args.target) as client:
+            events = client.generate(image, args.question, image_id=args.image_id,
+                                     method=args.method or "", retention=args.retention or 0.0,
+                                     max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+            for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "accepted":
+                    a = event.accepted
+                    print(f"[image {a.image_id[:12]}  cache {'hit' if a.cache_hit else 'miss'}  "
+                          f"tokens kept {a.tokens_kept} of {a.tokens_total}]", flush=True)
+                elif kind == "delta":
+                    print(event.delta.text, end="", flush=True)
+                else:
+                    usage = event.usage
+    except grpc.RpcError as exc:
+        print(f"\nhero: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    print()
+    if usage is not None:
+        lang = usage.language
+        print(f"[vision {usage.vision_ms:.1f} ms (queue {usage.queue_ms:.1f}), TTFT "
+              f"{usage.ttft_ms:.1f} ms, prefill {lang.prefill_ms:.1f} ms over "
+              f"{lang.prompt_tokens} tokens ({lang.visual_tokens} visual), "
+              f"{lang.completion_tokens} tokens at {lang.decode_tokens_per_s:.0f} tok/s, "
+              f"{usage.bytes_sent / 1024:.0f} KiB sent]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hero", description="HERO Serve command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-image-pixels", type=int, default=Limits().max_image_pixels)
     add_model_args(prune)
     prune.set_defaults(func=cmd_prune)
+
+    serve = sub.add_parser("serve", help="run the whole system locally until Ctrl-C")
+    serve.add_argument("--redis-url", help="use this Redis instead of a private one")
+    serve.add_argument("--grpc-port", type=int, default=9000, help="VisionService port")
+    serve.add_argument("--language-port", type=int, default=None)
+    serve.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use")
+    add_model_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    ask = sub.add_parser("ask", help="ask a running system a question about an image")
+    ask.add_argument("image", type=Path, nargs="?", help="image file (or use --image-id)")
+    ask.add_argument("question")
+    ask.add_argument("--image-id", help="id from an earlier answer, instead of the file")
+    ask.add_argument("--target", default="127.0.0.1:9000", help="VisionService host:port")
+    ask.add_argument("--method", "-m", choices=sorted(METHODS))
+    ask.add_argument("--retention", "-r", type=float)
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--timeout", type=float, default=300.0)
+    ask.set_defaults(func=cmd_ask)
     return parser
 
 

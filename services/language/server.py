@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
-from hero_core.errors import InvalidInputError, PromptTooLongError
+from hero_core.errors import InvalidInputError
 from services.common.admission import Admission
 from services.common.codec import (
     DTYPE_NAMES,
@@ -39,6 +39,7 @@ from services.common.codec import (
 from services.common.config import load_config
 from services.common.errors import UnavailableError, status_for
 from services.common.metrics import serve_metrics
+from services.common.params import check_generation_params, turns_of
 from services.language.config import ENV_PREFIX, LanguageConfig, LimitsConfig
 from services.language.engine import Delta, Engine, EngineRequest, Finished, SamplingParams
 from services.language.metrics import LanguageMetrics
@@ -53,17 +54,8 @@ _DONE = object()
 
 def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> SamplingParams:
     """Sampling parameters from the wire, or `InvalidInputError` naming the bad one."""
-    if not 1 <= params.max_new_tokens <= limits.max_new_tokens:
-        raise InvalidInputError(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got "
-                                f"{params.max_new_tokens}")
-    if not 0.0 <= params.temperature <= 2.0:
-        raise InvalidInputError(f"temperature must be in [0, 2], got {params.temperature:g}")
-    if not 0.0 <= params.top_p <= 1.0:
-        raise InvalidInputError(f"top_p must be in (0, 1] (0 = off), got {params.top_p:g}")
-    if len(params.stop) > limits.max_stop_strings or any(
-            not 0 < len(s) <= limits.max_stop_chars for s in params.stop):
-        raise InvalidInputError(f"stop takes at most {limits.max_stop_strings} non-empty strings "
-                                f"of at most {limits.max_stop_chars} characters")
+    check_generation_params(params, limits.max_new_tokens, limits.max_stop_strings,
+                            limits.max_stop_chars)
     return SamplingParams(params.max_new_tokens, float(params.temperature),
                           float(params.top_p) or 1.0, int(params.seed), tuple(params.stop))
 
@@ -72,19 +64,9 @@ def messages_of(header: language_pb2.GenerateHeader,
                 limits: LimitsConfig) -> tuple[tuple[str, str], ...]:
     """(role, text) turns of the header's prompt or chat."""
     which = header.WhichOneof("input")
-    if which == "prompt":
-        turns: tuple[tuple[str, str], ...] = (("user", header.prompt),)
-    elif which == "chat":
-        if len(header.chat.messages) > limits.max_messages:
-            raise InvalidInputError(f"at most {limits.max_messages} chat messages are accepted")
-        turns = tuple((m.role, m.content) for m in header.chat.messages)
-    else:
-        raise InvalidInputError("the header must carry a prompt or chat messages")
-    chars = sum(len(text) for _, text in turns)
-    if chars > limits.max_prompt_chars:
-        raise PromptTooLongError(f"prompt is {chars} characters, above max_prompt_chars="
-                                 f"{limits.max_prompt_chars}; shorten it")
-    return turns
+    return turns_of(header.prompt if which == "prompt" else None,
+                    list(header.chat.messages) if which == "chat" else None,
+                    limits.max_prompt_chars, limits.max_messages)
 
 
 async def _next(stream: AsyncIterator[language_pb2.GenerateRequest], want: str) -> Any:

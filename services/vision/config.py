@@ -1,0 +1,65 @@
+"""Configuration of the vision service: the `args` of the Serve application.
+
+The Serve config YAML (`serve_config.yaml`) is the single source: Ray Serve passes
+its `applications[].args` here, validated by `VisionConfig` (unknown keys refused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CacheConfig(BaseModel):
+    """Where and how pruned tokens are cached."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis://, rediss:// (TLS; credentials in the URL or REDIS_PASSWORD) or memory://."""
+    ttl_s: float | None = Field(86400.0, gt=0)
+    """Lifetime of an entry; None keeps entries until Redis evicts them (LRU)."""
+    max_entry_bytes: int = Field(16 << 20, ge=1)
+    """Entries larger than this are not stored."""
+    timeout_s: float = Field(0.25, gt=0)
+    """Per-operation timeout; a slower Redis is a miss."""
+    store_images: bool = True
+    """Keep the encoded image too, so clients can send only its id later."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Dtype of cached features; also the dtype sent to the language service."""
+
+
+class BatchConfig(BaseModel):
+    """Dynamic batching of the encoder (`@serve.batch`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(4, ge=1)
+    """Images per vision-tower pass (each brings its 3-5 crops)."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long a partial batch waits for more images."""
+
+
+class VisionConfig(BaseModel):
+    """Everything the vision service reads at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"
+    """Preset, checkpoint directory or hub id (as for the language service)."""
+    models_dir: Path = Path("models")
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    language_target: str = "127.0.0.1:50052"
+    """host:port of the language service."""
+    default_method: str = "hero"
+    default_retention: float = Field(0.111, gt=0, le=1)
+    max_image_bytes: int = Field(32 << 20, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_prompt_chars: int = Field(16384, ge=1)
+    language_timeout_s: float = Field(300.0, gt=0)
+    """Deadline of one call to the language service."""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)

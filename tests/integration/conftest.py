@@ -1,0 +1,50 @@
+"""The whole system: a real Redis, a real language service process, a real local
+Ray Serve app. Runs inside a private network namespace (`scripts/isolated`, as
+`make test` does), because Ray binds some ports on all interfaces."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import pytest
+from PIL import Image
+
+from tests.conftest import MODELS_DIR
+
+
+def only_loopback() -> bool:
+    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_network():
+    assert only_loopback(), ("integration tests start Ray, which binds ports on every "
+                             "interface: run them with `make test` (scripts/isolated)")
+
+
+@pytest.fixture(scope="session")
+def system(tiny_dir):
+    from services.local import LocalSystem, free_port
+
+    # float32 end to end, so the `full` method can be compared with stock transformers.
+    system = LocalSystem("tiny", MODELS_DIR, grpc_port=free_port(), num_cpus=2,
+                         vision_args={"cache": {"dtype": "float32"},
+                                      "batch": {"batch_wait_timeout_s": 0.05}})
+    system.start()
+    yield system
+    system.stop()
+
+
+@pytest.fixture(scope="session")
+def client(system):
+    from services.sdk.vision import VisionClient
+
+    with VisionClient(system.target) as c:
+        yield c
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

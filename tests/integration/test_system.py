@@ -1,0 +1,160 @@
+"""End to end: VisionService (Ray Serve gRPC proxy) -> Redis -> language service."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import pytest
+import redis
+import torch
+from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+from hero_core.generation import format_prompt
+from hero_core.methods import create_method
+from hero_core.tiling import plan_grid
+from tests.conftest import noise_image
+from tests.integration.conftest import png
+
+Q1 = "What is the astronaut holding?"
+Q2 = "What colour is the flag in the corner?"
+
+
+def run(client, image, prompt, **options):
+    events = list(client.generate(image, prompt, timeout=120, **options))
+    accepted = events[0].accepted
+    tokens = [t for e in events if e.WhichOneof("event") == "delta" for t in e.delta.token_ids]
+    text = "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
+    assert events[0].WhichOneof("event") == "accepted"
+    assert events[-1].WhichOneof("event") == "usage"
+    return accepted, tokens, text, events[-1].usage
+
+
+def encoder_stats():
+    from ray import serve
+
+    return serve.get_deployment_handle("Encoder", app_name="hero").stats.remote().result()
+
+
+def flush(system):
+    redis.Redis.from_url(system.redis.url).flushdb()
+
+
+def test_generate_streams_accepted_deltas_and_usage(client, photo):
+    accepted, tokens, _, usage = run(client, png(photo), Q1, max_new_tokens=12)
+    assert accepted.tokens_kept == 320 and accepted.tokens_total == 2928
+    assert len(accepted.image_id) == 64
+    assert 1 <= len(tokens) <= 12 and usage.language.completion_tokens == len(tokens)
+    assert usage.language.visual_tokens == 367
+    assert usage.vision_ms > 0 and usage.ttft_ms >= usage.language.prefill_ms
+    assert usage.bytes_sent == 320 * 64 * 4
+
+
+def test_cached_equals_uncached_for_a_second_different_question(system, client, photo, pruner):
+    data = png(photo)
+    run(client, data, Q1, max_new_tokens=4)  # makes sure the entry exists
+    hit, hit_tokens, hit_text, _ = run(client, data, Q2, max_new_tokens=16)
+    hit_accepted, hit_packed = client.prune(data, Q2, dtype="float32")
+    assert hit.cache_hit and hit_accepted.cache_hit
+
+    flush(system)
+    miss, miss_tokens, miss_text, _ = run(client, data, Q2, max_new_tokens=16)
+    assert not miss.cache_hit
+    assert (hit_tokens, hit_text) == (miss_tokens, miss_text)
+    flush(system)
+    miss_accepted, miss_packed = client.prune(data, Q2, dtype="float32")
+    assert not miss_accepted.cache_hit
+    assert torch.equal(hit_packed.features, miss_packed.features)
+    assert torch.equal(hit_packed.crop, miss_packed.crop)
+
+    # ... and both equal hero_core in process (uncached by construction).
+    expected = pruner.prune(photo, Q2, create_method("hero"), 0.111).packed
+    assert torch.equal(hit_packed.features, expected.features)
+    assert torch.equal(hit_packed.row, expected.row) and torch.equal(hit_packed.col, expected.col)
+
+
+def test_the_question_changes_tile_budgets_served_from_one_entry(client, photo, pruner):
+    data = png(photo)
+    _, a = client.prune(data, "the flag in the top left corner", dtype="float32")
+    b_accepted, b = client.prune(data, "the helmet at the bottom right", dtype="float32")
+    assert b_accepted.cache_hit
+    assert a.counts_per_crop()[0] == b.counts_per_crop()[0]
+    assert sum(a.counts_per_crop()) == sum(b.counts_per_crop()) == 320
+
+
+def test_full_method_matches_stock_transformers_generate(client, vlm, tiny_dir):
+    image = noise_image(601, 299, seed=3)  # 2x1 grid, odd sizes
+    accepted, tokens, _, _ = run(client, png(image), Q1, method="full", retention=1.0,
+                                 max_new_tokens=12)
+    grid = plan_grid((601, 299), vlm.tiling)
+    assert accepted.tokens_kept == int(grid.valid_mask().sum())
+    assert accepted.tokens_total == grid.full_token_count
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil.from_pretrained(tiny_dir / "llava"),
+        tokenizer=vlm.tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1)
+    inputs = processor(images=image, text=format_prompt(vlm.tokenizer, Q1), return_tensors="pt")
+    with torch.inference_mode():
+        out = vlm.model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=vlm.tokenizer.pad_token_id)
+    stock = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = vlm.model.generation_config.eos_token_id
+    stock = stock[: stock.index(eos)] if eos in stock else stock
+    assert tokens == stock
+
+
+def test_concurrent_requests_for_a_new_image_encode_it_once(client):
+    data = png(noise_image(480, 640, seed=42))
+    before = encoder_stats()["images_encoded"]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda q: run(client, data, q, max_new_tokens=2),
+                                [f"question {i}?" for i in range(6)]))
+    assert encoder_stats()["images_encoded"] - before == 1
+    assert sum(1 for accepted, *_ in results if not accepted.cache_hit) >= 1
+    assert len({accepted.image_id for accepted, *_ in results}) == 1
+
+
+def test_an_image_id_can_replace_the_upload(client):
+    data = png(noise_image(300, 500, seed=7))
+    first, *_ = run(client, data, Q1, max_new_tokens=2)
+    again, *_ = run(client, None, Q2, image_id=first.image_id, max_new_tokens=2)
+    assert again.cache_hit and again.image_id == first.image_id
+    other, *_ = run(client, None, Q2, image_id=first.image_id, method="fastervlm",
+                    max_new_tokens=2)  # re-encoded from the stored image bytes
+    assert not other.cache_hit
+
+
+def test_redis_outage_is_a_miss_and_the_cache_returns_with_redis(system, client, photo):
+    data = png(photo)
+    run(client, data, Q1, max_new_tokens=2)
+    port = system.redis.port
+    system.redis.stop()
+    try:
+        down, tokens, _, _ = run(client, data, Q2, max_new_tokens=4)
+        assert not down.cache_hit and tokens
+    finally:
+        system.redis.port = port
+        system.redis.start()
+    first, *_ = run(client, data, Q2, max_new_tokens=2)
+    second, *_ = run(client, data, Q1, max_new_tokens=2)
+    assert not first.cache_hit and second.cache_hit
+
+
+@pytest.mark.parametrize(("options", "code", "message"), [
+    ({"image": b"not an image"}, grpc.StatusCode.INVALID_ARGUMENT, "could not be decoded"),
+    ({"method": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown pruning method"),
+    ({"retention": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, r"\(0, 1\]"),
+    ({"prompt": "  "}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"image": None, "image_id": "0" * 64}, grpc.StatusCode.NOT_FOUND, "send the image bytes"),
+    ({"image": None, "image_id": "xyz"}, grpc.StatusCode.INVALID_ARGUMENT, "64-hex-digit"),
+])
+def test_bad_requests_get_a_code_and_a_message(client, photo, options, code, message):
+    import re
+
+    settings = {"image": png(photo), "prompt": Q1, "max_new_tokens": 2, **options}
+    image, prompt = settings.pop("image"), settings.pop("prompt")
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.generate(image, prompt, timeout=60, **settings))
+    assert info.value.code() == code, info.value.details()
+    assert re.search(message, info.value.details()), info.value.details()
