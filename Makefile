@@ -8,17 +8,17 @@ GEN    := build/gen
 PROTOS := $(shell find protos -name '*.proto')
 OUT    := out
 
-.PHONY: help setup test test-fast demo bench lint clean
+.PHONY: help setup kubectl test test-fast demo bench lint clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make setup   create .venv, install pinned deps, build the offline tiny model"
 	@echo "make test    setup, then run every test"
-	@echo "make demo    setup, then prune a real photo with HERO and draw what it kept"
+	@echo "make demo    setup, run the whole system locally, ask it about a real photo, stop"
 	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
 	@echo "make lint    ruff + mypy (strict on hero_core)"
 
-setup: $(STAMP) $(GEN)/.stamp $(TINY)
+setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl
 
 # torch first, from its pinned CPU build, so nothing later pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -42,6 +42,10 @@ $(TINY): $(STAMP) hero_core/tiny.py
 
 # Unit and service tests bind 127.0.0.1 only. The integration tests start Ray, which
 # binds some ports on every interface, so they run in a private network namespace.
+# kubectl for `kubectl kustomize` in the deployment tests: PATH's, else fetched once.
+kubectl:
+	@scripts/fetch_kubectl >/dev/null
+
 test: setup
 	$(BIN)/python -m pytest -q tests/unit tests/service
 	scripts/isolated $(BIN)/python -m pytest -q tests/integration
@@ -54,7 +58,7 @@ demo: setup
 	scripts/isolated $(BIN)/python -m services.demo --out $(OUT)
 
 bench: setup
-	$(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
+	scripts/isolated $(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
 
 lint: setup
 	$(BIN)/ruff check .

@@ -68,10 +68,14 @@ TINY_PRESET = "tiny"
 
 def resolve_spec(name: str, models_dir: Path, device: str | None = None,
                  dtype: str | None = None) -> ModelSpec:
-    """A preset name (`tiny`, `llava-v1.6-vicuna-7b`, ...), a local directory or a hub id."""
-    if name == TINY_PRESET:
-        spec = ModelSpec(str(models_dir / "tiny" / "llava"), str(models_dir / "tiny" / "clip"),
-                         local_files_only=True)
+    """A preset name (`tiny`, `llava-v1.6-vicuna-7b`, ...), a directory holding `llava/`
+    and `clip/` checkpoints, a local checkpoint directory or a hub id."""
+    bundle = models_dir / "tiny" if name == TINY_PRESET else Path(name)
+    if (bundle / "llava").is_dir() and (bundle / "clip").is_dir():
+        # A directory holding both checkpoints, as `make setup` writes for `tiny`.
+        spec = ModelSpec(str(bundle / "llava"), str(bundle / "clip"), local_files_only=True)
+    elif name == TINY_PRESET:
+        raise ModelLoadError(f"the tiny model is not in {models_dir / 'tiny'}; run `make setup`")
     elif name in HUB_PRESETS:
         spec = HUB_PRESETS[name]
     else:

@@ -63,7 +63,7 @@ def decode_record(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, tor
         header = json.loads(data[_PREFIX.size:start])
         if header["kind"] != kind:
             raise CorruptPayloadError(f"record holds {header['kind']!r}, expected {kind!r}")
-        payload = data[start:]
+        payload = memoryview(data)[start:]  # no copy: checked, then copied once per tensor
         if len(payload) != header["payload_bytes"] or zlib.crc32(payload) != header["crc32"]:
             raise CorruptPayloadError("record payload is truncated or fails its checksum")
         tensors = {name: _tensor(payload, spec) for name, spec in header["tensors"].items()}
@@ -74,7 +74,7 @@ def decode_record(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, tor
         raise CorruptPayloadError(f"record header is malformed: {exc}") from exc
 
 
-def _tensor(payload: bytes, spec: dict[str, Any]) -> torch.Tensor:
+def _tensor(payload: memoryview, spec: dict[str, Any]) -> torch.Tensor:
     dtype = DTYPES[spec["dtype"]]
     shape = [int(s) for s in spec["shape"]]
     start, nbytes = int(spec["offset"]), int(spec["nbytes"])

@@ -66,17 +66,29 @@ def build_tokenizer(bos_eos: bool) -> Any:
     )
 
 
-def vision_config() -> Any:
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "projection_dim": 32, "text_hidden": 48, "text_layers": 2, "text_heads": 4},
+    # CLIP-ViT-L/14-336 towers (vision and text) for benchmarks; the LM stays tiny.
+    "clip-l": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+               "projection_dim": 768, "text_hidden": 768, "text_layers": 12,
+               "text_heads": 12},
+}
+
+
+def vision_config(shape: str = "tiny") -> Any:
     from transformers import CLIPVisionConfig
 
+    dims = SHAPES[shape]
     return CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4,
-        image_size=336, patch_size=14, projection_dim=32, hidden_act="quick_gelu",
-        initializer_range=0.1, initializer_factor=4.0,
+        hidden_size=dims["hidden_size"], intermediate_size=dims["intermediate_size"],
+        num_hidden_layers=24, num_attention_heads=dims["num_attention_heads"],
+        image_size=336, patch_size=14, projection_dim=dims["projection_dim"],
+        hidden_act="quick_gelu", initializer_range=0.1, initializer_factor=4.0,
     )
 
 
-def build_llava(out: Path, tokenizer: Any) -> Any:
+def build_llava(out: Path, tokenizer: Any, shape: str = "tiny") -> Any:
     from transformers import (
         LlamaConfig,
         LlavaNextConfig,
@@ -92,7 +104,7 @@ def build_llava(out: Path, tokenizer: Any) -> Any:
         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, tie_word_embeddings=False,
     )
     config = LlavaNextConfig(
-        vision_config=vision_config().to_dict(), text_config=text.to_dict(),
+        vision_config=vision_config(shape).to_dict(), text_config=text.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=[list(p) for p in LLAVA_V16_PINPOINTS],
         vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -115,18 +127,22 @@ def build_llava(out: Path, tokenizer: Any) -> Any:
     return model
 
 
-def build_clip(out: Path, llava: Any, tokenizer: Any) -> None:
+def build_clip(out: Path, llava: Any, tokenizer: Any, shape: str = "tiny") -> None:
     """A CLIP checkpoint whose vision tower is the tiny LLaVA's, plus a text tower."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
+    dims = SHAPES[shape]
     text = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        vocab_size=len(tokenizer), hidden_size=dims["text_hidden"],
+        intermediate_size=4 * dims["text_hidden"], num_hidden_layers=dims["text_layers"],
+        num_attention_heads=dims["text_heads"], max_position_embeddings=77,
+        projection_dim=dims["projection_dim"],
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision_config().to_dict(),
-                        projection_dim=32)
+    config = CLIPConfig(text_config=text.to_dict(),
+                        vision_config=vision_config(shape).to_dict(),
+                        projection_dim=dims["projection_dim"])
     torch.manual_seed(SEED + 1)
     clip = CLIPModel(config).eval()
     clip.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
@@ -134,30 +150,36 @@ def build_clip(out: Path, llava: Any, tokenizer: Any) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_tiny(out_dir: Path) -> Path:
-    """Write the tiny LLaVA-NeXT (`out_dir/llava`) and CLIP (`out_dir/clip`) checkpoints."""
+def build_tiny(out_dir: Path, shape: str = "tiny") -> Path:
+    """Write the tiny LLaVA-NeXT (`out_dir/llava`) and CLIP (`out_dir/clip`) checkpoints;
+    `shape="clip-l"` gives them CLIP-ViT-L/14-336-sized towers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    llava = build_llava(out_dir / "llava", build_tokenizer(bos_eos=False))
-    build_clip(out_dir / "clip", llava, build_tokenizer(bos_eos=True))
-    (out_dir / "BUILD.json").write_text(json.dumps({"version": FORMAT_VERSION, "seed": SEED}))
+    llava = build_llava(out_dir / "llava", build_tokenizer(bos_eos=False), shape)
+    build_clip(out_dir / "clip", llava, build_tokenizer(bos_eos=True), shape)
+    stamp = {"version": FORMAT_VERSION, "seed": SEED, "shape": shape}
+    (out_dir / "BUILD.json").write_text(json.dumps(stamp))
     return out_dir
 
 
-def is_built(out_dir: Path) -> bool:
-    """Whether `out_dir` holds a tiny checkpoint of the current format version."""
+def is_built(out_dir: Path, shape: str = "tiny") -> bool:
+    """Whether `out_dir` holds a checkpoint of this shape and the current format version."""
     stamp = out_dir / "BUILD.json"
-    return stamp.exists() and json.loads(stamp.read_text()).get("version") == FORMAT_VERSION
+    if not stamp.exists():
+        return False
+    built = json.loads(stamp.read_text())
+    return bool(built.get("version") == FORMAT_VERSION and built.get("shape", "tiny") == shape)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to write (e.g. models/tiny)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     args = parser.parse_args()
-    if is_built(args.out_dir) and not args.force:
+    if is_built(args.out_dir, args.shape) and not args.force:
         print(f"tiny model up to date in {args.out_dir}")
         return
-    build_tiny(args.out_dir)
+    build_tiny(args.out_dir, args.shape)
     print(f"tiny model written to {args.out_dir}")
 
 

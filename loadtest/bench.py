@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from loadtest.micro import hero_overhead, wire
+from loadtest.micro import hero_overhead, vision_cache, wire
 
 
 def machine() -> str:
@@ -43,18 +43,26 @@ def wire_section() -> str:
     return wire.report(wire.run())
 
 
+def vision_cache_section() -> str:
+    return vision_cache.report(vision_cache.run())
+
+
 SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("hero overhead", overhead_section),
     ("wire bytes and streaming", wire_section),
+    ("vision stage, cache hit vs miss", vision_cache_section),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
+    parser.add_argument("--only", action="append", help="run only sections named like this")
     args = parser.parse_args()
     parts = []
     for name, run in SECTIONS:
+        if args.only and not any(o in name for o in args.only):
+            continue
         start = time.perf_counter()
         print(f"bench: {name} ...", flush=True)
         parts.append(run())
@@ -63,14 +71,28 @@ def main() -> None:
     header = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` on {today}. Machine: {machine()}.",
+        f"Written by `make bench` (`scripts/isolated .venv/bin/python -m loadtest.bench`) on "
+        f"{today}. Machine: {machine()}.",
         "",
         "Ratios are measured side by side in one run; absolute times on a shared 2-core",
         "machine are noisy. Re-run `make bench` to refresh every number here.",
         "",
     ]
+    if args.only and args.out.exists():
+        parts = merge_sections(args.out.read_text(), parts)
     args.out.write_text("\n".join(header + parts))
     print(f"bench: wrote {args.out}")
+
+
+def merge_sections(old_doc: str, new_parts: list[str]) -> list[str]:
+    """Old sections with the freshly run ones (same `## ` heading) replaced or added."""
+    def title(part: str) -> str:
+        return part.splitlines()[0]
+
+    old = ["## " + chunk for chunk in old_doc.split("\n## ")[1:]]
+    fresh = {title(p): p for p in new_parts}
+    merged = [fresh.pop(title(p), p) for p in old]
+    return merged + list(fresh.values())
 
 
 if __name__ == "__main__":

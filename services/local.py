@@ -59,9 +59,11 @@ def redis_server_binary() -> str:
 class RedisProcess:
     """A private, memory-only Redis on 127.0.0.1 with an LRU memory cap."""
 
-    def __init__(self, port: int | None = None, maxmemory: str = "512mb"):
+    def __init__(self, port: int | None = None, maxmemory: str = "512mb",
+                 password: str | None = None):
         self.port = port or free_port()
         self.maxmemory = maxmemory
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="hero-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -73,7 +75,8 @@ class RedisProcess:
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self.dir,
-             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, 20, "redis")
         return self
@@ -81,7 +84,8 @@ class RedisProcess:
     def ping(self) -> bool:
         import redis
 
-        return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5)
+        return bool(client.ping())
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -147,9 +151,11 @@ def serve_config(args: dict[str, Any], grpc_port: int, http_port: int,
 class ServeApp:
     """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app."""
 
-    def __init__(self, config: dict[str, Any], num_cpus: int | None = None):
+    def __init__(self, config: dict[str, Any], num_cpus: int | None = None,
+                 metrics_export_port: int | None = None):
         self.config = config
         self.num_cpus = num_cpus
+        self.metrics_export_port = metrics_export_port
 
     @property
     def grpc_target(self) -> str:
@@ -163,6 +169,7 @@ class ServeApp:
 
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
                  _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _metrics_export_port=self.metrics_export_port,
                  runtime_env={"working_dir": None, "env_vars": {"PYTHONPATH": str(ROOT)}},
                  ignore_reinit_error=True)
         schema = ServeDeploySchema.model_validate(self.config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hero_core.errors import UnknownMethodError
+from hero_core.errors import ConfigError, UnknownMethodError
 from hero_core.methods.base import PruningMethod, RankedMethod, Ranking, select_prefixes
 from hero_core.methods.baselines import FasterVLM, Full, Random
 from hero_core.methods.guided import GlobalCom2, Hired
@@ -29,6 +29,11 @@ def create_method(name: str, **overrides: Any) -> PruningMethod:
         raise UnknownMethodError(
             f"unknown pruning method {name!r}; choose one of {', '.join(sorted(METHODS))}"
         ) from None
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"{name} has no setting {', '.join(unknown)}; its settings are "
+                          f"{', '.join(sorted(known)) or 'none'}")
     return cls(dataclasses.replace(cls.Config(), **overrides))
 
 

@@ -41,11 +41,11 @@ def _parse(value: str) -> Any:
         return value
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -60,4 +60,4 @@ def load_config(model: type[ModelT], path: Path | None, prefix: str,
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a YAML mapping")
         data = loaded
-    return model.model_validate(_merge(data, env_overrides(model, prefix, environ)))
+    return model.model_validate(merge(data, env_overrides(model, prefix, environ)))

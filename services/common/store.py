@@ -20,6 +20,8 @@ class StoreError(Exception):
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl_s: float | None) -> None: ...
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool: ...
+    async def exists(self, key: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -28,13 +30,19 @@ class Store(Protocol):
 class RedisStore:
     """Redis via redis.asyncio (hiredis parser), with per-call timeouts."""
 
-    def __init__(self, url: str, timeout_s: float, connect_timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, connect_timeout_s: float,
+                 password: str | None = None, tls_ca_file: str | None = None):
         import redis.asyncio as aioredis
 
         self._errors = (aioredis.RedisError, OSError, asyncio.TimeoutError)
+        extra: dict[str, object] = {}
+        if password:
+            extra["password"] = password
+        if tls_ca_file and url.startswith("rediss://"):
+            extra["ssl_ca_certs"] = tls_ca_file
         self.client = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
-            retry_on_timeout=False, health_check_interval=30)
+            retry_on_timeout=False, health_check_interval=30, **extra)
         self.timeout_s = timeout_s
 
     async def _run(self, op):  # type: ignore[no-untyped-def]
@@ -50,6 +58,12 @@ class RedisStore:
     async def set(self, key: str, value: bytes, ttl_s: float | None) -> None:
         px = int(ttl_s * 1000) if ttl_s else None
         await self._run(self.client.set(key, value, px=px))
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        return bool(await self._run(self.client.set(key, value, px=int(ttl_s * 1000), nx=True)))
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._run(self.client.exists(key)))
 
     async def delete(self, key: str) -> None:
         await self._run(self.client.delete(key))
@@ -87,6 +101,15 @@ class MemoryStore:
             _, (old, _) = self.items.popitem(last=False)
             self.size -= len(old)
 
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        if await self.get(key) is not None:
+            return False
+        await self.set(key, value, ttl_s)
+        return True
+
+    async def exists(self, key: str) -> bool:
+        return await self.get(key) is not None
+
     async def delete(self, key: str) -> None:
         item = self.items.pop(key, None)
         if item is not None:
@@ -100,11 +123,13 @@ class MemoryStore:
         self.size = 0
 
 
-def open_store(url: str, timeout_s: float = 0.25, connect_timeout_s: float = 0.5) -> Store:
-    """The store for `url`: redis://host:port/db, rediss://..., or memory://."""
+def open_store(url: str, timeout_s: float = 0.25, connect_timeout_s: float = 0.5,
+               password: str | None = None, tls_ca_file: str | None = None) -> Store:
+    """The store for `url`: redis://host:port/db, rediss://..., or memory://. A password
+    given here (from a secret) wins over none in the URL; it never appears in logs."""
     scheme = urlparse(url).scheme
     if scheme in ("redis", "rediss", "unix"):
-        return RedisStore(url, timeout_s, connect_timeout_s)
+        return RedisStore(url, timeout_s, connect_timeout_s, password, tls_ca_file)
     if scheme == "memory":
         return MemoryStore()
     raise ValueError(f"unsupported cache URL scheme {scheme!r}; use redis://, rediss:// or "

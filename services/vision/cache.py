@@ -2,8 +2,9 @@
 
 * A store failure or timeout is a miss: logged, counted, never a failed request.
 * Values above `max_entry_bytes` are not stored.
-* Concurrent misses on one key run the producer once (single flight); the others
-  wait for its result.
+* Concurrent misses on one key run the producer once (single flight): within a
+  replica they share one future; across replicas a short-lived lock key in the store
+  makes the others poll for the value instead of encoding it again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hero_core.errors import CorruptPayloadError
 from services.common.store import Store, StoreError
 
 T = TypeVar("T")
+LOCK_SUFFIX = ":lock"
 
 log = logging.getLogger("hero.vision.cache")
 
@@ -40,9 +42,10 @@ class TokenCache:
     """get / put / get_or_create over a `Store`, degrading to misses on failure."""
 
     def __init__(self, store: Store, metrics: CacheMetrics, ttl_s: float | None,
-                 max_entry_bytes: int):
+                 max_entry_bytes: int, lock_ttl_s: float = 120.0, poll_s: float = 0.025):
         self.store, self.metrics = store, metrics
         self.ttl_s, self.max_entry_bytes = ttl_s, max_entry_bytes
+        self.lock_ttl_s, self.poll_s = lock_ttl_s, poll_s
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
 
     async def get(self, key: str) -> bytes | None:
@@ -96,8 +99,13 @@ class TokenCache:
         self.metrics.observe("miss")
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        locked = False
         try:
-            value = await create()
+            locked = await self._lock(key)
+            found = None if locked else await self._wait_for_other_replica(key)
+            value = found if found is not None else await create()
+            if found is None:
+                await self.put(key, value)
             future.set_result(value)
         except BaseException as exc:
             future.set_exception(exc)
@@ -105,5 +113,28 @@ class TokenCache:
             raise
         finally:
             del self._inflight[key]
-        await self.put(key, value)
+            if locked:
+                await self.invalidate(key + LOCK_SUFFIX)
         return decode(value), False
+
+    async def _lock(self, key: str) -> bool:
+        """Take the cross-replica lock of `key`; True also when the store is down (then
+        there is nobody to coordinate with and this replica just produces)."""
+        try:
+            return await self.store.set_if_absent(key + LOCK_SUFFIX, b"1", self.lock_ttl_s)
+        except StoreError:
+            return True
+
+    async def _wait_for_other_replica(self, key: str) -> bytes | None:
+        """Poll for the value another replica is producing; None once its lock is gone
+        (it failed or finished without storing) or the store fails."""
+        try:
+            while await self.store.exists(key + LOCK_SUFFIX):
+                await asyncio.sleep(self.poll_s)
+                value = await self.store.get(key)
+                if value is not None:
+                    self.metrics.observe("coalesced")
+                    return value
+            return await self.store.get(key)
+        except StoreError:
+            return None

@@ -7,9 +7,9 @@ its `applications[].args` here, validated by `VisionConfig` (unknown keys refuse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class CacheConfig(BaseModel):
@@ -25,6 +25,10 @@ class CacheConfig(BaseModel):
     """Entries larger than this are not stored."""
     timeout_s: float = Field(0.25, gt=0)
     """Per-operation timeout; a slower Redis is a miss."""
+    password_env: str = "REDIS_PASSWORD"
+    """Environment variable holding the Redis password (from a secret); unset = none."""
+    tls_ca_file: str | None = None
+    """CA bundle that signs the Redis server certificate (rediss:// only)."""
     store_images: bool = True
     """Keep the encoded image too, so clients can send only its id later."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -52,10 +56,16 @@ class VisionConfig(BaseModel):
     models_dir: Path = Path("models")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    torch_threads: int = Field(0, ge=0)
+    """CPU threads for the encoder's torch ops; 0 = every core. Ray limits a replica to
+    its `num_cpus` threads otherwise, which starves a CPU encoder."""
     language_target: str = "127.0.0.1:50052"
     """host:port of the language service."""
     default_method: str = "hero"
     default_retention: float = Field(0.111, gt=0, le=1)
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-method config overrides, e.g. {"hero": {"max_tokens_per_crop": 144}}; they
+    change the method's fingerprint, hence its cache keys."""
     max_image_bytes: int = Field(32 << 20, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_prompt_chars: int = Field(16384, ge=1)
@@ -63,3 +73,15 @@ class VisionConfig(BaseModel):
     """Deadline of one call to the language service."""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    def method(self, name: str) -> Any:
+        """The pruning method `name` with this deployment's options."""
+        from hero_core.methods import create_method
+
+        return create_method(name, **self.method_options.get(name, {}))
+
+    @model_validator(mode="after")
+    def _methods_exist(self) -> VisionConfig:
+        for name in {self.default_method, *self.method_options}:
+            self.method(name)  # unknown names and bad options fail at start
+        return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 import time
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from ray import serve
 
 from hero_core.cache import build_entry, entry_to_bytes
-from hero_core.methods import RankedMethod, create_method
+from hero_core.methods import RankedMethod
 from hero_core.models import load_vlm, resolve_spec
 from hero_core.packing import pack_tokens
 from hero_core.serialization import DTYPES, packed_to_bytes
@@ -52,6 +53,8 @@ class Encoder:
 
     def __init__(self, config: dict[str, Any]):
         self.config = VisionConfig.model_validate(config)
+        if self.config.device == "cpu":
+            torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,
                             self.config.dtype)
         vlm = load_vlm(spec, parts="vision")
@@ -73,7 +76,7 @@ class Encoder:
         methods: list[Any] = []
         for job in jobs:
             try:
-                methods.append(create_method(job.method))
+                methods.append(self.config.method(job.method))
             except Exception as exc:  # reported for this job only
                 methods.append(exc)
         good = [m for m in methods if not isinstance(m, Exception)]

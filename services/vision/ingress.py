@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 import time
 import uuid
@@ -32,7 +33,7 @@ from hero_core.cache import (
 from hero_core.config import Limits
 from hero_core.errors import HeroError, ImageSizeError, InvalidInputError
 from hero_core.image import decode_image
-from hero_core.methods import PruningMethod, RankedMethod, create_method
+from hero_core.methods import PruningMethod, RankedMethod
 from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
 from hero_core.packing import PackedTokens
 from hero_core.pipeline import check_ratio
@@ -84,8 +85,9 @@ class VisionIngress:
                                               self.tiling)
         self.metrics = VisionMetrics()
         cache = self.config.cache
-        self.cache = TokenCache(open_store(cache.url, cache.timeout_s), self.metrics,
-                                cache.ttl_s, cache.max_entry_bytes)
+        store = open_store(cache.url, cache.timeout_s, password=os.environ.get(cache.password_env),
+                           tls_ca_file=cache.tls_ca_file)
+        self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes)
         self.language = LanguageClient(self.config.language_target)
         self.limits = Limits(self.config.max_image_bytes, self.config.max_image_pixels,
                              self.config.max_prompt_chars)
@@ -181,7 +183,7 @@ class VisionIngress:
                      question: str) -> Tokens:
         """Pruned tokens for this image and request (features in the cache dtype)."""
         start = time.perf_counter()
-        method = create_method(options.method or self.config.default_method)
+        method = self.config.method(options.method or self.config.default_method)
         ratio = check_ratio(options.retention or self.config.default_retention)
         data, digest = self._image_source(image)
         timing: dict[str, float] = {}
@@ -192,13 +194,18 @@ class VisionIngress:
         method_fp = method.compute_hash()
         if isinstance(method, RankedMethod):
             key = tokens_key(digest, self.encoder_fp, method_fp)
-            entry, hit = await self.cache.get_or_create(
-                key, encode, lambda b: entry_from_bytes(b, method_fp))
-            grid = entry.grid(self.tiling)
-            embed = None
-            if method.uses_question and question.strip():
-                embed = await self.encoder.embed_question.remote(question)
-            packed = select_from_entry(entry, method, grid, ratio, embed)
+            # The text tower runs while the cache is read (or the image encoded).
+            embed = asyncio.create_task(self._embed(question)) if method.uses_question \
+                else None
+            try:
+                entry, hit = await self.cache.get_or_create(
+                    key, encode, lambda b: entry_from_bytes(b, method_fp))
+                question_embed = await embed if embed is not None else None
+            finally:
+                if embed is not None and not embed.done():
+                    embed.cancel()
+            packed = select_from_entry(entry, method, entry.grid(self.tiling), ratio,
+                                       question_embed)
         else:
             key = tokens_key(digest, self.encoder_fp, method_fp, request_fingerprint(ratio, None))
             packed, hit = await self.cache.get_or_create(key, encode, packed_from_bytes)
@@ -206,6 +213,11 @@ class VisionIngress:
         self.metrics.stage("vision", vision_ms)
         self.metrics.tokens_kept.observe(packed.num_tokens)
         return Tokens(packed, digest, hit, vision_ms, timing.get("queue_ms", 0.0))
+
+    async def _embed(self, question: str) -> Any:
+        if not question.strip():
+            return None
+        return await self.encoder.embed_question.remote(question)
 
     def _image_source(self, image: vision_pb2.ImageInput) -> tuple[bytes | None, str]:
         which = image.WhichOneof("source")

@@ -40,12 +40,13 @@ def flush(system):
     redis.Redis.from_url(system.redis.url).flushdb()
 
 
-def test_generate_streams_accepted_deltas_and_usage(client, photo):
+def test_generate_streams_accepted_deltas_and_usage(client, photo, pruner):
     accepted, tokens, _, usage = run(client, png(photo), Q1, max_new_tokens=12)
     assert accepted.tokens_kept == 320 and accepted.tokens_total == 2928
     assert len(accepted.image_id) == 64
     assert 1 <= len(tokens) <= 12 and usage.language.completion_tokens == len(tokens)
-    assert usage.language.visual_tokens == 367
+    expected = pruner.prune(photo, Q1, create_method("hero"), 0.111).packed
+    assert usage.language.visual_tokens == expected.num_embeddings
     assert usage.vision_ms > 0 and usage.ttft_ms >= usage.language.prefill_ms
     assert usage.bytes_sent == 320 * 64 * 4
 

@@ -39,3 +39,20 @@ def test_the_question_moves_only_tile_tokens_on_a_real_photo(pruner, photo):
     assa = a.selection.indices[0].sort().values
     assert (assa == b.selection.indices[0].sort().values).all()
     assert a.packed.num_tokens == b.packed.num_tokens == 320
+
+
+def test_model_specs_resolve_presets_bundles_and_hub_ids(tmp_path, tiny_dir):
+    from hero_core.errors import ModelLoadError
+    from hero_core.models import resolve_spec
+
+    tiny = resolve_spec("tiny", tiny_dir.parent, device="cpu", dtype="float16")
+    assert tiny.model.endswith("tiny/llava") and tiny.text_tower.endswith("tiny/clip")
+    assert tiny.local_files_only and tiny.dtype == "float16"
+    bundle = resolve_spec(str(tiny_dir), tmp_path)
+    assert bundle.text_tower == str(tiny_dir / "clip")
+    hub = resolve_spec("llava-v1.6-vicuna-7b", tmp_path, device="cuda")
+    assert hub.model == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    assert hub.text_tower == "openai/clip-vit-large-patch14-336"
+    assert resolve_spec("someone/llava-next-ft", tmp_path).model == "someone/llava-next-ft"
+    with pytest.raises(ModelLoadError, match="make setup"):
+        resolve_spec("tiny", tmp_path)

@@ -1,0 +1,175 @@
+"""Render the KubeRay RayService of the vision service from the repo's Serve config.
+
+    python k8s/render.py           # rewrite k8s/base/vision-rayservice.yaml and the gpu patch
+    python k8s/render.py --check   # exit 1 if the committed files are out of date
+
+`serveConfigV2` is `services/vision/serve_config.yaml` with only the cluster-specific
+values below changed (service addresses, paths, and for the gpu overlay the model,
+device and GPU resources), so the local, compose and Kubernetes deployments run the
+same application definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
+RAYSERVICE = ROOT / "k8s" / "base" / "vision-rayservice.yaml"
+GPU_PATCH = ROOT / "k8s" / "overlays" / "gpu" / "serve-config-patch.yaml"
+RAY_VERSION = "2.60.0"
+
+CLUSTER_ARGS: dict[str, Any] = {
+    "models_dir": "/models",
+    "language_target": "hero-language:50052",
+    "cache": {"url": "redis://hero-redis:6379/0"},
+}
+GPU_ARGS: dict[str, Any] = {"model": "llava-v1.6-vicuna-7b", "device": "cuda",
+                            "dtype": "float16"}
+GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
+    "Encoder": {"ray_actor_options": {"num_cpus": 2, "num_gpus": 1}},
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def serve_config(gpu: bool) -> dict[str, Any]:
+    """The repo's Serve config with the cluster's (and optionally the GPU) values."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["http_options"] = {"host": "0.0.0.0", "port": 8000}
+    app = config["applications"][0]
+    app["args"] = _merge(app["args"], CLUSTER_ARGS)
+    if gpu:
+        app["args"] = _merge(app["args"], GPU_ARGS)
+        for deployment in app["deployments"]:
+            deployment.update(_merge(deployment, GPU_DEPLOYMENTS.get(deployment["name"], {})))
+    return config
+
+
+def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": "hero-serve/vision:cpu",
+        "env": [
+            {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+            {"name": "REDIS_PASSWORD",
+             "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
+        ],
+        "ports": [{"name": p, "containerPort": n} for p, n in ports],
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "models", "mountPath": "/models"},
+                         {"name": "shm", "mountPath": "/dev/shm"}],
+    }
+
+
+def _pod(container: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": {"app.kubernetes.io/name": "hero-vision"}},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+            "containers": [container],
+            "volumes": [{"name": "models", "emptyDir": {"sizeLimit": "40Gi"}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+        },
+    }
+
+
+def rayservice() -> dict[str, Any]:
+    head = _container("ray-head", [("gcs", 6379), ("dashboard", 8265), ("client", 10001),
+                                   ("serve", 8000), ("grpc", 9000), ("metrics", 8080)],
+                      "1", "4Gi")
+    worker = _container("ray-worker", [("grpc", 9000), ("metrics", 8080)], "2", "8Gi")
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": "hero-vision", "labels": {"app.kubernetes.io/name": "hero-vision"}},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(gpu=False), sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120},
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
+                                       "metrics-export-port": "8080"},
+                    "template": _pod(head),
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "encoder",
+                    "replicas": 1,
+                    "minReplicas": 1,
+                    "maxReplicas": 4,
+                    "rayStartParams": {"metrics-export-port": "8080"},
+                    "template": _pod(worker),
+                }],
+            },
+        },
+    }
+
+
+def gpu_patch() -> list[dict[str, Any]]:
+    """JSON 6902 patch of the gpu overlay: the GPU serveConfigV2."""
+    return [{"op": "replace", "path": "/spec/serveConfigV2",
+             "value": yaml.safe_dump(serve_config(gpu=True), sort_keys=False)}]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (serveConfigV2) as readable literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
+HEADER = ("# Generated by `python k8s/render.py` from services/vision/serve_config.yaml;"
+          " edit those.\n")
+
+
+def rendered() -> dict[Path, str]:
+    return {
+        RAYSERVICE: HEADER + dump(rayservice()),
+        GPU_PATCH: HEADER + dump(gpu_patch()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    stale = [path for path, text in rendered().items()
+             if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"out of date: {path.relative_to(ROOT)} (run python k8s/render.py)")
+        return 1 if stale else 0
+    for path, text in rendered().items():
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The vision stage's time to tokens ready: cache hit against miss, on the real system.
+
+A local system (`services.local.LocalSystem`: Ray Serve vision app, private Redis,
+language service) runs a LLaVA-NeXT checkpoint whose vision and text towers have the
+CLIP-ViT-L/14-336 shapes (random weights, fp32; the LM is tiny, it is not measured).
+Each request is a `Generate` with one new token; the service reports `vision_ms`
+(arrival at the ingress to pruned tokens ready). Misses are distinct 2x2-grid images;
+hits ask new questions about images already cached. The bare Redis round trip is a
+GET of an entry of the same size from the same machine.
+
+Run inside `scripts/isolated` (Ray binds some ports on all interfaces).
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MODEL_DIR = Path("models/bench-clip-l")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def images(n: int, seed: int = 0) -> list[bytes]:
+    """Distinct 672x680 (2x2-grid) PNGs cut from a real photo with noise added."""
+    import skimage.data
+
+    base = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((680, 672)))
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        noisy = np.clip(base.astype(np.int16) + rng.integers(-8, 9, base.shape), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(noisy.astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def vision_ms(client: Any, image: bytes, question: str, method: str) -> tuple[float, bool]:
+    events = list(client.generate(image, question, method=method, max_new_tokens=1,
+                                  timeout=600))
+    return events[-1].usage.vision_ms, events[0].accepted.cache_hit
+
+
+def redis_round_trip_ms(url: str, key_pattern: str, repeats: int) -> tuple[float, int]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    key = next(k for k in client.scan_iter(key_pattern) if not k.endswith(b":lock"))
+    times = []
+    size = 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        size = len(client.get(key) or b"")
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), size
+
+
+def run(misses: int = 12, hits: int = 50) -> dict[str, Any]:
+    from hero_core.tiny import build_tiny, is_built
+    from services.local import LocalSystem, free_port
+    from services.sdk.vision import VisionClient
+
+    if not is_built(MODEL_DIR, "clip-l"):
+        build_tiny(MODEL_DIR, "clip-l")
+    system = LocalSystem(str(MODEL_DIR.resolve()), Path("models"), grpc_port=free_port(),
+                         num_cpus=2)
+    system.start()
+    result: dict[str, Any] = {}
+    try:
+        with VisionClient(system.target) as client:
+            pictures = images(misses + 2)
+            vision_ms(client, pictures[-1], "warm-up", "hero")
+            for method in ("hero", "fastervlm"):
+                miss = [vision_ms(client, pictures[i], f"question {i}?", method)
+                        for i in range(misses if method == "hero" else 1)]
+                hit = [vision_ms(client, pictures[i % len(miss)], f"new question {i}?", method)
+                       for i in range(hits)]
+                assert not any(h for _, h in miss) and all(h for _, h in hit)
+                result[method] = {"miss": [m for m, _ in miss], "hit": [h for h, _ in hit]}
+        assert system.redis is not None
+        result["redis_ms"], result["entry_bytes"] = redis_round_trip_ms(
+            system.redis.url, "hero:v1:tok:*", 50)
+    finally:
+        system.stop()
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    hero, fast = r["hero"], r["fastervlm"]
+    miss50, miss99 = percentile(hero["miss"], 50), percentile(hero["miss"], 99)
+    hit50, hit99 = percentile(hero["hit"], 50), percentile(hero["hit"], 99)
+    f50, f99 = percentile(fast["hit"], 50), percentile(fast["hit"], 99)
+    redis = r["redis_ms"]
+    lines = [
+        "## Vision stage: cache hit against miss (CLIP-ViT-L/14-336 shape)",
+        "",
+        "Real local system (Ray Serve app, private Redis, language service); towers of the",
+        "CLIP-ViT-L/14-336 shapes with random weights in fp32 on CPU; 2x2-grid images;",
+        "`vision_ms` as reported by the service (arrival to pruned tokens ready).",
+        "",
+        "| path | requests | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        f"| HERO miss (decode, tile, encode 5 crops, rank, store) | {len(hero['miss'])} | "
+        f"{miss50:.0f} | {miss99:.0f} |",
+        f"| HERO hit (GET entry, CLIP text tower, budgets, gather) | {len(hero['hit'])} | "
+        f"{hit50:.1f} | {hit99:.1f} |",
+        f"| FasterVLM hit (GET entry, gather; no question) | {len(fast['hit'])} | "
+        f"{f50:.1f} | {f99:.1f} |",
+        f"| bare Redis GET of one entry ({r['entry_bytes'] / 1e6:.1f} MB) | 50 | {redis:.1f} | |",
+        "",
+        f"* Hit / miss at p50: **1/{miss50 / hit50:.0f}** (target <= 1/20).",
+        f"* HERO hit above the bare Redis round trip at p50: **{hit50 - redis:+.1f} ms** "
+        "(target <= 5 ms). The CLIP-L text tower runs on these 2 CPU cores in about 70 ms "
+        "(see the overhead table) and dominates; it starts in parallel with the GET.",
+        f"* Without a question to embed (FasterVLM), a hit is {f50 - redis:+.1f} ms above the "
+        "bare round trip: decode, budgets and gather of the entry.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report(run()))

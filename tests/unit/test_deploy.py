@@ -1,0 +1,256 @@
+"""Deployment files, checked offline: Kubernetes schemas, the KubeRay CRD, Ray's Serve
+schema, the Compose spec, real kustomize renders, and agreement with the code."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+SHARED = ROOT.parent / "shared" / "schemas"
+OVERLAYS = ("dev", "gpu")
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl") or str(ROOT / "build" / "kubectl" / "kubectl")
+    assert Path(found).exists(), "no kubectl: `make setup` runs scripts/fetch_kubectl"
+    return found
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict[str, Any]]]:
+    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / request.param)],
+                         capture_output=True, text=True, check=True)
+    return request.param, [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_overlays_render_every_part(rendered):
+    _, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget", "NetworkPolicy", "RayService", "ConfigMap"} <= kinds
+    assert all(d["metadata"].get("namespace") == "hero-serve" for d in docs
+               if d["kind"] != "Namespace")
+
+
+def test_built_in_kinds_pass_strict_kubernetes_validation(rendered):
+    _, docs = rendered
+    checked = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("ray.io/"):
+            continue
+        kubernetes_validate.validate(doc, "1.33.0", strict=True)
+        checked += 1
+    assert checked >= 12
+
+
+def strict(schema: Any) -> Any:
+    """The CRD schema with unknown fields refused wherever the CRD does not allow them."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((SHARED / "kuberay" / "ray.io_rayservices.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return strict(version["schema"]["openAPIV3Schema"])
+
+
+def test_rayservice_matches_the_kuberay_crd(rendered, rayservice_schema):
+    _, docs = rendered
+    (service,) = by_kind(docs, "RayService")
+    jsonschema.validate(service, rayservice_schema)
+    broken = json.loads(json.dumps(service))
+    broken["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParamz"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, rayservice_schema)
+
+
+def test_serve_config_v2_is_valid_for_ray_serve_and_the_app(rendered):
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.vision.config import VisionConfig
+
+    overlay, docs = rendered
+    (service,) = by_kind(docs, "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    app = config.applications[0]
+    args = VisionConfig.model_validate(app.args)
+    assert args.language_target == "hero-language:50052"
+    assert args.cache.url.startswith("redis://hero-redis:6379")
+    encoder = next(d for d in app.deployments if d.name == "Encoder")
+    assert encoder.ray_actor_options.num_gpus == (1 if overlay == "gpu" else 0)
+    assert args.device == ("cuda" if overlay == "gpu" else "cpu")
+
+
+def test_the_repo_serve_config_is_valid_and_the_k8s_copy_is_rendered_from_it():
+    from ray.serve.schema import ServeDeploySchema
+
+    from k8s import render
+    from services.vision.config import VisionConfig
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(render.SERVE_CONFIG.read_text()))
+    VisionConfig.model_validate(config.applications[0].args)
+    for path, text in render.rendered().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python k8s/render.py"
+
+
+def test_compose_file_matches_the_compose_spec():
+    schema = json.loads((SHARED / "compose" / "compose-spec.json").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    jsonschema.Draft7Validator(schema).validate(compose)
+    services = compose["services"]
+    published = {name for name, s in services.items() if s.get("ports")}
+    assert published == {"vision", "vision-gpu", "prometheus"}
+    assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
+    redis_args = " ".join(services["redis"]["command"])
+    assert "--maxmemory-policy allkeys-lru" in redis_args
+    assert compose["networks"]["backend"]["internal"] and compose["networks"]["cache"]["internal"]
+    assert set(services["language"]["networks"]) == {"backend"}
+    assert set(services["redis"]["networks"]) == {"cache"}
+
+
+# ---- agreement between the deployment files and the code --------------------------------
+
+def env_field_exists(model: Any, name: str, prefix: str) -> bool:
+    path = name[len(prefix):].lower().split("__")
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        if i < len(path) - 1:
+            model = field.annotation
+    return True
+
+
+def all_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    found: dict[str, str] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "env" in node and isinstance(node["env"], list):
+                found.update({e["name"]: str(e.get("value", "")) for e in node["env"]})
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(docs)
+    return found
+
+
+def compose_env() -> dict[str, str]:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env: dict[str, str] = {}
+    for service in compose["services"].values():
+        env.update(service.get("environment", {}))
+    return env
+
+
+def test_environment_variables_name_real_config_fields(rendered):
+    from services.language.config import ENV_PREFIX, LanguageConfig
+    from services.vision.__main__ import ENV_PREFIX as VISION_PREFIX
+    from services.vision.config import VisionConfig
+
+    _, docs = rendered
+    extra_vision = {"HERO_VISION_GRPC_PORT", "HERO_VISION_METRICS_PORT"}
+    for name in {**all_env(docs), **compose_env()}:
+        if name.startswith(ENV_PREFIX):
+            assert env_field_exists(LanguageConfig, name, ENV_PREFIX), name
+        elif name.startswith(VISION_PREFIX) and name not in extra_vision:
+            assert env_field_exists(VisionConfig, name, VISION_PREFIX), name
+
+
+def test_ports_images_and_metrics_agree_with_the_code(rendered):
+    from services.language.config import LanguageConfig
+    from services.language.metrics import LanguageMetrics
+
+    _, docs = rendered
+    language = LanguageConfig()
+    (deployment,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] ==
+                     "hero-language"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert ports["grpc"] == int(env["HERO_LANGUAGE_PORT"]) == language.port
+    assert ports["metrics"] == int(env["HERO_LANGUAGE_METRICS_PORT"]) == language.metrics_port
+    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+
+    serve = yaml.safe_load((ROOT / "services" / "vision" / "serve_config.yaml").read_text())
+    (vision_svc,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] ==
+                     "hero-vision-grpc"]
+    assert vision_svc["spec"]["ports"][0]["targetPort"] == serve["grpc_options"]["port"]
+
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    names = {m.name for m in LanguageMetrics().registry.collect()}
+    assert metric in names
+
+    images = {c["image"].split(":")[0] for c in _containers(docs)}
+    built = {"hero-serve/language": ROOT / "services" / "language" / "Dockerfile",
+             "hero-serve/vision": ROOT / "services" / "vision" / "Dockerfile"}
+    assert images - set(built) == {"redis"}
+    assert all(path.exists() for path in built.values())
+
+
+def _containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("containers", "initContainers"):
+                if isinstance(node.get(key), list):
+                    found.extend(node[key])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(docs)
+    return found
+
+
+def test_compose_and_dockerfiles_agree_with_the_code():
+    from services.language.config import LanguageConfig
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    scrape = compose["configs"]["prometheus"]["content"]
+    assert f"language:{LanguageConfig().metrics_port}" in scrape
+    assert "vision:8080" in scrape and compose["services"]["vision"]["environment"][
+        "HERO_VISION_METRICS_PORT"] == "8080"
+    for service in ("language", "vision"):
+        text = (ROOT / "services" / service / "Dockerfile").read_text()
+        assert re.search(r"^USER hero$", text, re.M), f"{service} image must not run as root"
+        assert "HEALTHCHECK" in text and "services.healthcheck" in text
+        assert "ARG VARIANT=cpu" in text and "base-cuda" in text and "base-cpu" in text
+        assert "COPY models" not in text, "weights must not be baked into images"
+
+
+def test_secrets_are_referenced_never_committed(rendered):
+    _, docs = rendered
+    assert not by_kind(docs, "Secret")
+    for container in _containers(docs):
+        for env in container.get("env", []):
+            if any(word in env["name"] for word in ("PASSWORD", "SECRET", "TOKEN")):
+                assert "valueFrom" in env and "value" not in env, env["name"]
