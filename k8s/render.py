@@ -30,8 +30,11 @@ CLUSTER_ARGS: dict[str, Any] = {
     "language_target": "hero-language:50052",
     "cache": {"url": "redis://hero-redis:6379/0"},
 }
-GPU_ARGS: dict[str, Any] = {"model": "llava-v1.6-vicuna-7b", "device": "cuda",
-                            "dtype": "float16"}
+GPU_ARGS: dict[str, Any] = {
+    "model": "llava-v1.6-vicuna-7b", "device": "cuda", "dtype": "float16",
+    # Production: Redis over TLS, CA from the secret hero-redis-tls.
+    "cache": {"url": "rediss://hero-redis:6379/0", "tls_ca_file": "/etc/hero/redis-tls/ca.crt"},
+}
 GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
     "Encoder": {"ray_actor_options": {"num_cpus": 2, "num_gpus": 1}},
 }

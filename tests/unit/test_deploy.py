@@ -98,7 +98,11 @@ def test_serve_config_v2_is_valid_for_ray_serve_and_the_app(rendered):
     app = config.applications[0]
     args = VisionConfig.model_validate(app.args)
     assert args.language_target == "hero-language:50052"
-    assert args.cache.url.startswith("redis://hero-redis:6379")
+    scheme = "rediss" if overlay == "gpu" else "redis"
+    assert args.cache.url.startswith(f"{scheme}://hero-redis:6379")
+    if overlay == "gpu":  # the CA the URL needs is mounted where the config says
+        mounts = [m["mountPath"] for c in _containers([service]) for m in c["volumeMounts"]]
+        assert str(Path(args.cache.tls_ca_file).parent) in mounts
     encoder = next(d for d in app.deployments if d.name == "Encoder")
     assert encoder.ray_actor_options.num_gpus == (1 if overlay == "gpu" else 0)
     assert args.device == ("cuda" if overlay == "gpu" else "cpu")
