@@ -17,7 +17,16 @@ import yaml
 
 from tests.conftest import ROOT
 
-SHARED = ROOT.parent / "shared" / "schemas"
+
+def shared_schemas() -> Path:
+    """The project's shared schemas: beside the checkout (CI) or inside it."""
+    for base in (ROOT.parent / "shared", ROOT / "shared"):
+        if (base / "schemas").is_dir():
+            return base / "schemas"
+    raise AssertionError("no shared/schemas beside or inside the checkout")
+
+
+SHARED = shared_schemas()
 OVERLAYS = ("dev", "gpu")
 
 

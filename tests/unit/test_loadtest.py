@@ -1,0 +1,66 @@
+"""The load generator's own arithmetic: arrivals, percentiles, summaries, workloads."""
+
+import itertools
+import statistics
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loadtest.arrivals import poisson_offsets
+from loadtest.runner import Workload
+from loadtest.stats import Outcome, percentile, summarize
+
+
+def test_poisson_arrivals_have_the_asked_rate_and_exponential_gaps():
+    offsets = poisson_offsets(4.0, 20000, seed=1)
+    gaps = np.diff([0.0, *offsets])
+    assert all(b > a for a, b in itertools.pairwise(offsets))
+    assert abs(statistics.mean(gaps) - 0.25) < 0.01
+    assert abs(statistics.stdev(gaps) - 0.25) < 0.01  # exponential: sd == mean
+    counts = np.histogram(offsets, bins=np.arange(0, offsets[-1], 1.0))[0]
+    assert abs(counts.var() / counts.mean() - 1.0) < 0.1  # Poisson counts: var == mean
+
+
+def test_arrivals_reproduce_with_a_seed_and_refuse_nonsense():
+    assert poisson_offsets(2.0, 10, seed=3) == poisson_offsets(2.0, 10, seed=3)
+    assert poisson_offsets(2.0, 10, seed=3) != poisson_offsets(2.0, 10, seed=4)
+    with pytest.raises(ValueError):
+        poisson_offsets(0.0, 10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=200),
+       st.floats(0, 100))
+def test_percentile_matches_numpy(values, q):
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-9,
+                                                  abs=1e-9)
+
+
+def test_summary_counts_codes_and_uses_only_answers_for_latency():
+    outcomes = [Outcome("OK", 0.0, ttft_s=0.1, e2e_s=0.2, cache_hit=True, visual_tokens=320,
+                        bytes_sent=1000),
+                Outcome("OK", 0.0, ttft_s=0.3, e2e_s=0.4, cache_hit=False, visual_tokens=320,
+                        bytes_sent=3000),
+                Outcome("RESOURCE_EXHAUSTED", 0.0)]
+    summary = summarize(outcomes, duration_s=2.0)
+    assert summary["codes"] == {"OK": 2, "RESOURCE_EXHAUSTED": 1}
+    assert summary["throughput_rps"] == 1.0
+    assert summary["ttft_ms"]["p50"] == pytest.approx(200.0)
+    assert summary["cache_hit_ratio"] == 0.5 and summary["bytes_sent_mean"] == 2000
+
+
+def test_workloads_reuse_pool_images_for_hits_and_new_ones_for_misses():
+    def image(seed: int) -> bytes:
+        return str(seed).encode()
+
+    hits = Workload(1.0, pool=3, image=image)
+    requests = [hits.request(i) for i in range(9)]
+    assert {img for img, _, _ in requests} == set(hits.warm_images)
+    assert len({q for _, q, _ in requests}) == 9  # a new question every time
+    misses = Workload(0.0, image=image)
+    assert len({misses.request(i)[0] for i in range(9)}) == 9 and not misses.warm_images
+    mixed = Workload(0.5, image=image, seed=2)
+    share = sum(mixed.request(i)[2] for i in range(2000)) / 2000
+    assert abs(share - 0.5) < 0.05
