@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from loadtest.micro import hero_overhead, vision_cache, wire
+from loadtest import scenarios
+from loadtest.micro import hero_overhead, prefill, vision_cache, wire
 
 
 def machine() -> str:
@@ -47,10 +48,20 @@ def vision_cache_section() -> str:
     return vision_cache.report(vision_cache.run())
 
 
+def prefill_section() -> str:
+    return prefill.report(prefill.run())
+
+
+def load_section() -> str:
+    return scenarios.report(scenarios.run_all(Path("out")))
+
+
 SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("hero overhead", overhead_section),
     ("wire bytes and streaming", wire_section),
     ("vision stage, cache hit vs miss", vision_cache_section),
+    ("llm prefill", prefill_section),
+    ("load against the baseline", load_section),
 ]
 
 

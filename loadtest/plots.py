@@ -48,8 +48,9 @@ def latency_vs_load(series: Mapping[str, Sequence[tuple[float, float, float]]],
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, points in series.items():
         rps = [p[0] for p in points]
-        ax.plot(rps, [p[1] for p in points], marker="o", label=f"{name} p50")
-        ax.plot(rps, [p[2] for p in points], marker="^", linestyle="--", label=f"{name} p99")
+        (line,) = ax.plot(rps, [p[1] for p in points], marker="o", label=f"{name} p50")
+        ax.plot(rps, [p[2] for p in points], marker="^", linestyle="--", label=f"{name} p99",
+                color=line.get_color())
     if target_ms:
         ax.axhline(target_ms, color="grey", linewidth=1, label=f"p99 target {target_ms:g} ms")
     ax.set_yscale("log")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -19,6 +18,7 @@ from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.packing import PackedTokens
 from services.common.codec import DTYPE_NAMES, MAX_CHUNK_BYTES, packed_messages
+from services.sdk.channel import AsyncChannelClient
 
 Part = language_pb2.TextDelta | common_pb2.Usage
 
@@ -49,24 +49,13 @@ def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
     return header
 
 
-class LanguageClient:
+class LanguageClient(AsyncChannelClient):
     """Async client; one channel, many concurrent calls."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = ()):
-        self.channel = (grpc.aio.secure_channel(target, credentials, options=options)
-                        if credentials else grpc.aio.insecure_channel(target, options=options))
+        super().__init__(target, credentials=credentials, options=options)
         self.stub = language_pb2_grpc.LanguageServiceStub(self.channel)
-
-    async def __aenter__(self) -> LanguageClient:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
 
     async def model_info(self, timeout: float | None = None) -> language_pb2.ModelInfo:
         return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=timeout)

@@ -21,6 +21,7 @@ from hero.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from hero_core.packing import PackedTokens
 from services.common.codec import DTYPE_NAMES, ChunkAssembler, packed_from_layout
+from services.sdk.channel import AsyncChannelClient
 
 ImageLike = bytes | str | Path
 
@@ -111,24 +112,13 @@ class VisionClient:
         return assemble_pruned(responses)
 
 
-class AsyncVisionClient:
+class AsyncVisionClient(AsyncChannelClient):
     """asyncio client."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = ()):
-        self.channel = (grpc.aio.secure_channel(target, credentials, options=options)
-                        if credentials else grpc.aio.insecure_channel(target, options=options))
+        super().__init__(target, credentials=credentials, options=options)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
-
-    async def __aenter__(self) -> AsyncVisionClient:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
 
     async def generate(self, image: ImageLike | None, prompt: str | None = None, *,
                        timeout: float | None = None, **options: Any

@@ -64,3 +64,17 @@ def test_workloads_reuse_pool_images_for_hits_and_new_ones_for_misses():
     mixed = Workload(0.5, image=image, seed=2)
     share = sum(mixed.request(i)[2] for i in range(2000)) / 2000
     assert abs(share - 0.5) < 0.05
+
+
+def test_the_locustfile_defines_a_user_with_a_task():
+    import ast
+
+    from tests.conftest import ROOT
+
+    tree = ast.parse((ROOT / "loadtest" / "locustfile.py").read_text())
+    users = [n for n in tree.body if isinstance(n, ast.ClassDef)
+             and any(getattr(b, "id", "") == "User" for b in n.bases)]
+    assert users, "no Locust User class"
+    tasks = [f for f in users[0].body if isinstance(f, ast.FunctionDef)
+             and any(getattr(d, "id", "") == "task" for d in f.decorator_list)]
+    assert tasks, "the User has no @task"
