@@ -239,6 +239,9 @@ def test_compose_and_dockerfiles_agree_with_the_code():
     assert f"language:{LanguageConfig().metrics_port}" in scrape
     assert "vision:8080" in scrape and compose["services"]["vision"]["environment"][
         "HERO_VISION_METRICS_PORT"] == "8080"
+    assert "redis-exporter:9121" in scrape
+    assert compose["services"]["redis-exporter"]["environment"]["REDIS_ADDR"].endswith(
+        "redis:6379")
     text = DOCKERFILE.read_text()
     runtime, language, vision = (text.split("AS runtime")[1], text.split("AS language")[1],
                                  text.split("AS vision")[1])
