@@ -1,8 +1,9 @@
 """Versioned, checksummed bytes for token structures (wire payloads and cache values).
 
-A record is `MAGIC | u16 version | u32 header length | header JSON | payload`. The
-header names the record kind, its metadata and, for every tensor, dtype, shape and
-byte span in the payload, plus a CRC-32 of the payload. Tensors are stored raw in
+A record is `MAGIC | u16 version | u32 header length | u32 header CRC-32 | header JSON |
+payload`. The header names the record kind, its metadata and, for every tensor, dtype,
+shape and byte span in the payload, plus a CRC-32 of the payload, so a flipped bit
+anywhere is caught. Tensors are stored raw in
 little-endian byte order, so a round trip is bit-exact for every dtype (bf16
 included). Anything that does not parse raises `CorruptPayloadError`.
 """
@@ -21,8 +22,8 @@ from hero_core.errors import CorruptPayloadError
 from hero_core.packing import PackedTokens
 
 MAGIC = b"HERO"
-VERSION = 1
-_PREFIX = struct.Struct("<4sHI")
+VERSION = 2
+_PREFIX = struct.Struct("<4sHII")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
@@ -46,19 +47,21 @@ def encode_record(kind: str, meta: dict[str, Any], tensors: dict[str, torch.Tens
     header = json.dumps({"kind": kind, "meta": meta, "tensors": specs,
                          "payload_bytes": len(payload), "crc32": zlib.crc32(payload)},
                         separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
+    return _PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)) + header + payload
 
 
 def decode_record(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Parse a record of `kind`; returns (metadata, tensors). Tensors own their memory."""
     if len(data) < _PREFIX.size:
         raise CorruptPayloadError(f"record is {len(data)} bytes, shorter than its prefix")
-    magic, version, header_len = _PREFIX.unpack_from(data)
+    magic, version, header_len, header_crc = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise CorruptPayloadError("record does not start with the HERO magic bytes")
     if version != VERSION:
         raise CorruptPayloadError(f"record version {version} is not supported (want {VERSION})")
     start = _PREFIX.size + header_len
+    if zlib.crc32(data[_PREFIX.size:start]) != header_crc:
+        raise CorruptPayloadError("record header is truncated or fails its checksum")
     try:
         header = json.loads(data[_PREFIX.size:start])
         if header["kind"] != kind:

@@ -71,6 +71,10 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
             {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
             {"name": "REDIS_PASSWORD",
              "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
+            # Bearer tokens of the public API; without the secret the API is open.
+            {"name": "HERO_API_TOKENS",
+             "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens",
+                                            "optional": True}}},
         ],
         "ports": [{"name": p, "containerPort": n} for p, n in ports],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},

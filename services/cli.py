@@ -119,7 +119,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     image = None if args.image_id else args.image
     usage = None
     try:
-        with VisionClient(args.target) as client:
+        with VisionClient(args.target, token=args.token) as client:
             events = client.generate(image, args.question, image_id=args.image_id,
                                      method=args.method or "", retention=args.retention or 0.0,
                                      max_new_tokens=args.max_new_tokens, timeout=args.timeout)
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--retention", "-r", type=float)
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--timeout", type=float, default=300.0)
+    ask.add_argument("--token", default=os.environ.get("HERO_API_TOKEN"),
+                     help="bearer token of the API (env HERO_API_TOKEN)")
     ask.set_defaults(func=cmd_ask)
     return parser
 

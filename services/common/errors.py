@@ -1,6 +1,7 @@
 """Exceptions -> gRPC status codes, in one place.
 
-Bad input -> INVALID_ARGUMENT, overload -> RESOURCE_EXHAUSTED, dependency down or
+Bad input -> INVALID_ARGUMENT, missing credentials -> UNAUTHENTICATED, overload ->
+RESOURCE_EXHAUSTED, dependency down or
 draining -> UNAVAILABLE, deadline -> DEADLINE_EXCEEDED; anything else is INTERNAL
 with the request id logged, never the exception text (it may hold internals).
 """
@@ -24,6 +25,10 @@ class UnavailableError(HeroError):
     """A dependency is down or the server is draining."""
 
 
+class UnauthenticatedError(HeroError):
+    """No or a wrong bearer token on an endpoint that requires one."""
+
+
 class DeadlineError(HeroError):
     """The request's deadline passed before it finished."""
 
@@ -31,6 +36,7 @@ class DeadlineError(HeroError):
 STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -77,14 +77,20 @@ def assemble_pruned(responses: list[vision_pb2.PruneResponse]
     return accepted, packed_from_layout(tokens.layout, assembler.tensor())
 
 
+def bearer(token: str | None) -> list[tuple[str, str]] | None:
+    """Call metadata carrying an API token."""
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
 class VisionClient:
-    """Blocking client."""
+    """Blocking client. `token`: the API's bearer token, if it requires one."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), token: str | None = None):
         self.channel = (grpc.secure_channel(target, credentials, options=options)
                         if credentials else grpc.insecure_channel(target, options=options))
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+        self.metadata = bearer(token)
 
     def __enter__(self) -> VisionClient:
         return self
@@ -101,29 +107,31 @@ class VisionClient:
                  ) -> Iterator[vision_pb2.GenerateEvent]:
         """Events: accepted, text deltas, usage. Raises `grpc.RpcError` on failure."""
         yield from self.stub.Generate(generate_request(image, prompt, **options),
-                                      timeout=timeout)
+                                      timeout=timeout, metadata=self.metadata)
 
     def prune(self, image: ImageLike | None, question: str = "", *,
               timeout: float | None = None, **options: Any
               ) -> tuple[vision_pb2.Accepted, PackedTokens]:
         """The pruned tokens themselves, for clients that run their own LLM."""
         responses = list(self.stub.Prune(prune_request(image, question, **options),
-                                         timeout=timeout))
+                                         timeout=timeout, metadata=self.metadata))
         return assemble_pruned(responses)
 
 
 class AsyncVisionClient(AsyncChannelClient):
-    """asyncio client."""
+    """asyncio client. `token`: the API's bearer token, if it requires one."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), token: str | None = None):
         super().__init__(target, credentials=credentials, options=options)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+        self.metadata = bearer(token)
 
     async def generate(self, image: ImageLike | None, prompt: str | None = None, *,
                        timeout: float | None = None, **options: Any
                        ) -> AsyncIterator[vision_pb2.GenerateEvent]:
-        call = self.stub.Generate(generate_request(image, prompt, **options), timeout=timeout)
+        call = self.stub.Generate(generate_request(image, prompt, **options), timeout=timeout,
+                                  metadata=self.metadata)
         try:
             async for event in call:
                 yield event
@@ -133,5 +141,6 @@ class AsyncVisionClient(AsyncChannelClient):
     async def prune(self, image: ImageLike | None, question: str = "", *,
                     timeout: float | None = None, **options: Any
                     ) -> tuple[vision_pb2.Accepted, PackedTokens]:
-        call = self.stub.Prune(prune_request(image, question, **options), timeout=timeout)
+        call = self.stub.Prune(prune_request(image, question, **options), timeout=timeout,
+                               metadata=self.metadata)
         return assemble_pruned([r async for r in call])

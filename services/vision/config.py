@@ -56,6 +56,9 @@ class VisionConfig(BaseModel):
     models_dir: Path = Path("models")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    api_tokens_env: str = "HERO_API_TOKENS"
+    """Environment variable (from a secret) with the comma-separated bearer tokens the
+    public API accepts; unset or empty turns authentication off (local use)."""
     torch_threads: int = Field(0, ge=0)
     """CPU threads for the encoder's torch ops; 0 = every core. Ray limits a replica to
     its `num_cpus` threads otherwise, which starves a CPU encoder."""

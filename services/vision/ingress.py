@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ from hero_core.pipeline import check_ratio
 from hero_core.serialization import packed_from_bytes
 from hero_core.tiling import tile_image
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
-from services.common.errors import UnavailableError, status_for
+from services.common.errors import UnauthenticatedError, UnavailableError, status_for
 from services.common.params import check_generation_params, turns_of
 from services.common.store import open_store
 from services.sdk.language import LanguageClient
@@ -91,6 +92,19 @@ class VisionIngress:
         self.language = LanguageClient(self.config.language_target)
         self.limits = Limits(self.config.max_image_bytes, self.config.max_image_pixels,
                              self.config.max_prompt_chars)
+        raw = os.environ.get(self.config.api_tokens_env, "")
+        self.tokens_accepted = [t.strip().encode() for t in raw.split(",") if t.strip()]
+
+    def _authorize(self, grpc_context: Any) -> None:
+        """Require `authorization: Bearer <token>` when tokens are configured."""
+        if not self.tokens_accepted:
+            return
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, t)
+                                                  for t in self.tokens_accepted):
+            raise UnauthenticatedError("send a valid token as 'authorization: Bearer <token>'")
 
     # ---- RPCs -------------------------------------------------------------------------
 
@@ -99,6 +113,7 @@ class VisionIngress:
         arrival = time.perf_counter()
         request_id = request.request_id[:128] or uuid.uuid4().hex
         try:
+            self._authorize(grpc_context)
             which = request.WhichOneof("input")
             turns = turns_of(request.prompt if which == "prompt" else None,
                              list(request.chat.messages) if which == "chat" else None,
@@ -118,6 +133,7 @@ class VisionIngress:
                     grpc_context: Any = None) -> AsyncIterator[vision_pb2.PruneResponse]:
         request_id = request.request_id[:128] or uuid.uuid4().hex
         try:
+            self._authorize(grpc_context)
             if len(request.question) > self.config.max_prompt_chars:
                 turns_of(request.question, None, self.config.max_prompt_chars)
             dtype = request.dtype or common_pb2.DTYPE_FLOAT16

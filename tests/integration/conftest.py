@@ -23,10 +23,17 @@ def isolated_network():
                              "interface: run them with `make test` (scripts/isolated)")
 
 
+API_TOKEN = "integration-test-token"
+
+
 @pytest.fixture(scope="session")
 def system(tiny_dir):
+    import os
+
     from services.local import LocalSystem, free_port
 
+    # The public API requires a bearer token; Ray's workers inherit this environment.
+    os.environ["HERO_API_TOKENS"] = f"some-other-token,{API_TOKEN}"
     # float32 end to end, so the `full` method can be compared with stock transformers.
     system = LocalSystem("tiny", MODELS_DIR, grpc_port=free_port(), num_cpus=2,
                          vision_args={"cache": {"dtype": "float32"},
@@ -40,7 +47,7 @@ def system(tiny_dir):
 def client(system):
     from services.sdk.vision import VisionClient
 
-    with VisionClient(system.target) as c:
+    with VisionClient(system.target, token=API_TOKEN) as c:
         yield c
 
 

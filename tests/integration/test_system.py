@@ -159,3 +159,17 @@ def test_bad_requests_get_a_code_and_a_message(client, photo, options, code, mes
         list(client.generate(image, prompt, timeout=60, **settings))
     assert info.value.code() == code, info.value.details()
     assert re.search(message, info.value.details()), info.value.details()
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_the_public_api_requires_a_valid_bearer_token(system, photo, token):
+    from services.sdk.vision import VisionClient
+
+    with VisionClient(system.target, token=token) as anonymous:
+        with pytest.raises(grpc.RpcError) as info:
+            list(anonymous.generate(png(photo), Q1, max_new_tokens=2, timeout=60))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "Bearer" in info.value.details() and "wrong-token" not in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            anonymous.prune(png(photo), Q1, timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

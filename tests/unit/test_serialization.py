@@ -50,6 +50,7 @@ def test_serialised_size_is_the_raw_tensors_plus_a_small_header():
     lambda b: b[:10],
     lambda b: b"XXXX" + b[4:],
     lambda b: b[:4] + struct.pack("<H", 99) + b[6:],
+    lambda b: b[:20] + bytes([b[20] ^ 0x01]) + b[21:],  # a bit in the header
     lambda b: b[:-5] + bytes([b[-5] ^ 0xFF]) + b[-4:],
     lambda b: b"",
 ])
