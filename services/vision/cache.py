@@ -1,6 +1,9 @@
 """The token cache: a store plus the policy around it.
 
 * A store failure or timeout is a miss: logged, counted, never a failed request.
+* Every value is stored with its own key in front and checked on read, so a value that
+  comes back under the wrong key (a desynchronised connection, a bad write) is a miss,
+  never another image's tokens.
 * Values above `max_entry_bytes` are not stored.
 * Concurrent misses on one key run the producer once (single flight): within a
   replica they share one future; across replicas a short-lived lock key in the store
@@ -50,18 +53,25 @@ class TokenCache:
 
     async def get(self, key: str) -> bytes | None:
         try:
-            return await self.store.get(key)
+            blob = await self.store.get(key)
         except StoreError as exc:
             self.metrics.observe("error_get")
             log.warning("cache get failed, serving as a miss: %s", exc)
             return None
+        if blob is None:
+            return None
+        value = unseal(key, blob)
+        if value is None:
+            self.metrics.observe("corrupt")
+            log.warning("cache value under %s belongs to another key; ignored", key)
+        return value
 
     async def put(self, key: str, value: bytes) -> bool:
         if len(value) > self.max_entry_bytes:
             self.metrics.observe("too_large")
             return False
         try:
-            await self.store.set(key, value, self.ttl_s)
+            await self.store.set(key, seal(key, value), self.ttl_s)
             return True
         except StoreError as exc:
             self.metrics.observe("error_set")
@@ -131,10 +141,24 @@ class TokenCache:
         try:
             while await self.store.exists(key + LOCK_SUFFIX):
                 await asyncio.sleep(self.poll_s)
-                value = await self.store.get(key)
+                value = await self.get(key)
                 if value is not None:
                     self.metrics.observe("coalesced")
                     return value
-            return await self.store.get(key)
+            return await self.get(key)
         except StoreError:
             return None
+
+
+def seal(key: str, value: bytes) -> bytes:
+    """`value` with its key in front: u16 length, key bytes, value."""
+    raw = key.encode()
+    return len(raw).to_bytes(2, "little") + raw + value
+
+
+def unseal(key: str, blob: bytes) -> bytes | None:
+    """The value of a sealed blob if it was stored under `key`, else None."""
+    raw = key.encode()
+    if blob[:2] != len(raw).to_bytes(2, "little") or blob[2:2 + len(raw)] != raw:
+        return None
+    return blob[2 + len(raw):]

@@ -74,6 +74,10 @@ class VisionConfig(BaseModel):
     max_prompt_chars: int = Field(16384, ge=1)
     language_timeout_s: float = Field(300.0, gt=0)
     """Deadline of one call to the language service."""
+    language_retries: int = Field(2, ge=0)
+    """Retries of a language call that fails UNAVAILABLE before any text was streamed."""
+    language_backoff_s: float = Field(0.2, ge=0)
+    """First retry delay; doubles each retry."""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
 

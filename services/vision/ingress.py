@@ -173,25 +173,42 @@ class VisionIngress:
     async def _answer(self, request: vision_pb2.GenerateRequest, request_id: str,
                       turns: tuple[tuple[str, str], ...], tokens: Tokens, arrival: float
                       ) -> AsyncIterator[vision_pb2.GenerateEvent]:
+        """Stream the answer; a call that fails UNAVAILABLE before its first text is retried
+        with backoff (nothing was sent yet, so a retry is safe)."""
         params, first_ms = request.params, 0.0
-        parts = self.language.generate(
-            tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-            stop=list(params.stop), request_id=request_id, dtype=self.config.cache.dtype,
-            timeout=self.config.language_timeout_s)
-        async for part in parts:
-            if isinstance(part, common_pb2.Usage):
-                sent = tokens.packed.features.numel() * tokens.packed.features.element_size()
-                self.metrics.bytes_sent.observe(sent)
-                self.metrics.stage("ttft", first_ms)
-                yield vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
-                    language=part, vision_ms=tokens.vision_ms, queue_ms=tokens.queue_ms,
-                    ttft_ms=first_ms, bytes_sent=sent))
-            else:
-                if not first_ms:
-                    first_ms = (time.perf_counter() - arrival) * 1e3
-                yield vision_pb2.GenerateEvent(delta=vision_pb2.TextDelta(
-                    text=part.text, token_ids=list(part.token_ids)))
+        for attempt in range(self.config.language_retries + 1):
+            parts = self.language.generate(
+                tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                stop=list(params.stop), request_id=request_id, dtype=self.config.cache.dtype,
+                timeout=self.config.language_timeout_s)
+            try:
+                async for part in parts:
+                    if isinstance(part, common_pb2.Usage):
+                        yield self._usage(part, tokens, first_ms)
+                    else:
+                        if not first_ms:
+                            first_ms = (time.perf_counter() - arrival) * 1e3
+                        yield vision_pb2.GenerateEvent(delta=vision_pb2.TextDelta(
+                            text=part.text, token_ids=list(part.token_ids)))
+                return
+            except grpc.aio.AioRpcError as exc:
+                retry = (not first_ms and exc.code() == grpc.StatusCode.UNAVAILABLE
+                         and attempt < self.config.language_retries)
+                if not retry:
+                    raise
+                log.warning("language service unavailable, retry %d: %s", attempt + 1,
+                            exc.details())
+                await asyncio.sleep(self.config.language_backoff_s * 2 ** attempt)
+
+    def _usage(self, part: common_pb2.Usage, tokens: Tokens,
+               first_ms: float) -> vision_pb2.GenerateEvent:
+        sent = tokens.packed.features.numel() * tokens.packed.features.element_size()
+        self.metrics.bytes_sent.observe(sent)
+        self.metrics.stage("ttft", first_ms)
+        return vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
+            language=part, vision_ms=tokens.vision_ms, queue_ms=tokens.queue_ms,
+            ttft_ms=first_ms, bytes_sent=sent))
 
     # ---- tokens: cache or encode ------------------------------------------------------
 

@@ -204,3 +204,46 @@ def test_redis_auth_is_used_and_a_wrong_password_is_only_a_miss():
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_slow_redis_is_a_miss_within_the_timeout_and_recovers(redis_server):
+    import time
+
+    import redis
+
+    async def scenario():
+        metrics = CountingMetrics()
+        cache = TokenCache(open_store(redis_server.url, timeout_s=0.2), metrics, 60.0, 1 << 20)
+
+        async def produce() -> bytes:
+            return b"tokens"
+
+        assert await cache.put("k", b"tokens")
+        redis.Redis(port=redis_server.port).execute_command("CLIENT", "PAUSE", 1500)
+        start = time.monotonic()
+        assert await cache.get_or_create("k", produce, bytes) == (b"tokens", False)
+        assert time.monotonic() - start < 1.0, "a stalled Redis must not stall requests"
+        assert metrics.counts["error_get"] >= 1
+        await asyncio.sleep(1.6)
+        assert await cache.get_or_create("k", produce, bytes) == (b"tokens", True)
+        await cache.store.close()
+    asyncio.run(scenario())
+
+
+def test_a_value_found_under_the_wrong_key_is_never_served(redis_server):
+    import redis
+
+    async def scenario():
+        cache, metrics = cache_for(redis_server.url)
+        assert await cache.put("image-a", b"tokens of a")
+        raw = redis.Redis(port=redis_server.port)
+        raw.set("image-b", raw.get("image-a"))  # e.g. a misrouted or desynchronised reply
+
+        async def produce() -> bytes:
+            return b"tokens of b"
+
+        assert await cache.get_or_create("image-b", produce, bytes) == (b"tokens of b", False)
+        assert metrics.counts["corrupt"] == 1
+        assert await cache.get("image-b") == b"tokens of b"
+        await cache.store.close()
+    asyncio.run(scenario())
