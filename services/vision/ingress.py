@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
+from ray.serve.exceptions import BackPressureError
 
 from hero_core.cache import (
     entry_from_bytes,
@@ -41,7 +42,12 @@ from hero_core.pipeline import check_ratio
 from hero_core.serialization import packed_from_bytes
 from hero_core.tiling import tile_image
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
-from services.common.errors import UnauthenticatedError, UnavailableError, status_for
+from services.common.errors import (
+    OverloadedError,
+    UnauthenticatedError,
+    UnavailableError,
+    status_for,
+)
 from services.common.params import check_generation_params, turns_of
 from services.common.store import open_store
 from services.sdk.language import LanguageClient
@@ -284,6 +290,8 @@ class VisionIngress:
         job = EncodeJob(pixels, grid.image_size, method.name, ratio)
         try:
             result: EncodeResult | Exception = await self.encoder.encode.remote(job)
+        except BackPressureError as exc:  # the encoders' queues are full
+            raise OverloadedError("the encoders are at capacity; retry with backoff") from exc
         except Exception as exc:  # replica died or Ray failed: the caller may retry
             raise UnavailableError(f"the encoder is unavailable ({type(exc).__name__}); "
                                    "retry") from exc
