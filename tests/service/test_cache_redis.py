@@ -179,11 +179,13 @@ def test_a_replica_that_fails_releases_its_lock_so_others_produce(redis_server):
         async def good() -> bytes:
             return b"tokens"
 
-        results = await asyncio.gather(first.get_or_create("img", broken, bytes),
-                                       second.get_or_create("img", good, bytes),
-                                       return_exceptions=True)
-        assert isinstance(results[0], RuntimeError)
-        assert results[1] == (b"tokens", False)
+        failing = asyncio.create_task(first.get_or_create("img", broken, bytes))
+        while not await first.store.exists("img:lock"):  # the first replica holds the lock
+            await asyncio.sleep(0.005)
+        waiting = asyncio.create_task(second.get_or_create("img", good, bytes))
+        with pytest.raises(RuntimeError, match="encoder died"):
+            await failing
+        assert await waiting == (b"tokens", False)
         await first.store.close()
         await second.store.close()
     asyncio.run(scenario())
