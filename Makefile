@@ -44,21 +44,21 @@ $(TINY): $(STAMP) hero_core/tiny.py
 # binds some ports on every interface, so they run in a private network namespace.
 # kubectl for `kubectl kustomize` in the deployment tests: PATH's, else fetched once.
 kubectl:
-	@scripts/fetch_kubectl >/dev/null
+	@.ci/fetch_kubectl >/dev/null
 
 test: setup
 	$(BIN)/python -m pytest -q tests/unit tests/service
-	scripts/isolated $(BIN)/python -m pytest -q tests/integration
+	.ci/isolated $(BIN)/python -m pytest -q tests/integration
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit
 
 demo: setup
 	@mkdir -p $(OUT)
-	scripts/isolated $(BIN)/python -m services.demo --out $(OUT)
+	.ci/isolated $(BIN)/python -m services.demo --out $(OUT)
 
 bench: setup
-	scripts/isolated $(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
+	.ci/isolated $(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
 
 lint: setup
 	$(BIN)/ruff check .

@@ -82,7 +82,7 @@ def main() -> None:
     header = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` (`scripts/isolated .venv/bin/python -m loadtest.bench`) on "
+        f"Written by `make bench` (`.ci/isolated .venv/bin/python -m loadtest.bench`) on "
         f"{today}. Machine: {machine()}.",
         "",
         "Ratios are measured side by side in one run; absolute times on a shared 2-core",

@@ -5,7 +5,7 @@ system (Ray Serve vision app, Redis, language service), the baseline as one proc
 with stock transformers `generate` (no pruning, no cache). Scenarios: cache-hit (a few
 images, a new question each time), cache-miss (every image new), and an open-loop
 sweep of a mixed workload (80 % repeat images) to find the throughput each sustains
-under a p99 TTFT target. Run inside `scripts/isolated`.
+under a p99 TTFT target. Run inside `.ci/isolated`.
 """
 
 from __future__ import annotations

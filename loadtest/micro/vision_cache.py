@@ -8,7 +8,7 @@ Each request is a `Generate` with one new token; the service reports `vision_ms`
 hits ask new questions about images already cached. The bare Redis round trip is a
 GET of an entry of the same size from the same machine.
 
-Run inside `scripts/isolated` (Ray binds some ports on all interfaces).
+Run inside `.ci/isolated` (Ray binds some ports on all interfaces).
 """
 
 from __future__ import annotations

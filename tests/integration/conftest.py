@@ -1,5 +1,5 @@
 """The whole system: a real Redis, a real language service process, a real local
-Ray Serve app. Runs inside a private network namespace (`scripts/isolated`, as
+Ray Serve app. Runs inside a private network namespace (`.ci/isolated`, as
 `make test` does), because Ray binds some ports on all interfaces."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def only_loopback() -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def isolated_network():
     assert only_loopback(), ("integration tests start Ray, which binds ports on every "
-                             "interface: run them with `make test` (scripts/isolated)")
+                             "interface: run them with `make test` (.ci/isolated)")
 
 
 API_TOKEN = "integration-test-token"

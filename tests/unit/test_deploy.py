@@ -33,7 +33,7 @@ OVERLAYS = ("dev", "gpu")
 
 def kubectl() -> str:
     found = shutil.which("kubectl") or str(ROOT / "build" / "kubectl" / "kubectl")
-    assert Path(found).exists(), "no kubectl: `make setup` runs scripts/fetch_kubectl"
+    assert Path(found).exists(), "no kubectl: `make setup` runs .ci/fetch_kubectl"
     return found
 
 
