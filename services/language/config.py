@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENV_PREFIX = "HERO_LANGUAGE_"
 
@@ -52,6 +52,11 @@ class LanguageConfig(BaseModel):
     accepted_dtypes: list[Literal["float32", "float16", "bfloat16", "int8"]] = Field(
         default_factory=lambda: ["float32", "float16", "bfloat16", "int8"])
     """Feature dtypes accepted on the wire."""
+    tls_cert_file: Path | None = None
+    """Server certificate (PEM); with `tls_key_file` the port speaks TLS only."""
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """CA of client certificates; set it to require mutual TLS (the vision service's)."""
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl, Postman)."""
     metrics_host: str = "127.0.0.1"
@@ -62,3 +67,12 @@ class LanguageConfig(BaseModel):
     warmup: bool = True
     """Run one tiny generation before reporting SERVING."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> LanguageConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                             "tls_key_file")
+        return self

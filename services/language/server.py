@@ -40,6 +40,7 @@ from services.common.config import load_config
 from services.common.errors import UnavailableError, status_for
 from services.common.metrics import serve_metrics
 from services.common.params import check_generation_params, turns_of
+from services.common.tls import server_credentials
 from services.language.config import ENV_PREFIX, LanguageConfig, LimitsConfig
 from services.language.engine import Delta, Engine, EngineRequest, Finished, SamplingParams
 from services.language.metrics import LanguageMetrics
@@ -231,7 +232,12 @@ async def start_server(config: LanguageConfig,
     if config.reflection:
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME,
                                              reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        port = server.add_secure_port(address, server_credentials(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     metrics_port = serve_metrics(metrics.registry, config.metrics_host, config.metrics_port)
 

@@ -74,6 +74,11 @@ class VisionConfig(BaseModel):
     max_prompt_chars: int = Field(16384, ge=1)
     language_timeout_s: float = Field(300.0, gt=0)
     """Deadline of one call to the language service."""
+    language_tls_ca_file: str | None = None
+    """CA of the language service's certificate; set it to speak TLS to that service."""
+    language_tls_cert_file: str | None = None
+    """Client certificate for mutual TLS with the language service (with the key)."""
+    language_tls_key_file: str | None = None
     language_retries: int = Field(2, ge=0)
     """Retries of a language call that fails UNAVAILABLE before any text was streamed."""
     language_backoff_s: float = Field(0.2, ge=0)

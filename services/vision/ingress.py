@@ -50,6 +50,7 @@ from services.common.errors import (
 )
 from services.common.params import check_generation_params, turns_of
 from services.common.store import open_store
+from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
@@ -95,7 +96,12 @@ class VisionIngress:
         store = open_store(cache.url, cache.timeout_s, password=os.environ.get(cache.password_env),
                            tls_ca_file=cache.tls_ca_file)
         self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes)
-        self.language = LanguageClient(self.config.language_target)
+        tls = None
+        if self.config.language_tls_ca_file:
+            tls = channel_credentials(self.config.language_tls_ca_file,
+                                      self.config.language_tls_cert_file,
+                                      self.config.language_tls_key_file)
+        self.language = LanguageClient(self.config.language_target, credentials=tls)
         self.limits = Limits(self.config.max_image_bytes, self.config.max_image_pixels,
                              self.config.max_prompt_chars)
         raw = os.environ.get(self.config.api_tokens_env, "")
