@@ -12,12 +12,13 @@ same application definition.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from services.common.config import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
@@ -40,26 +41,16 @@ GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def serve_config(gpu: bool) -> dict[str, Any]:
     """The repo's Serve config with the cluster's (and optionally the GPU) values."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"] = {"host": "0.0.0.0", "port": 8000}
     app = config["applications"][0]
-    app["args"] = _merge(app["args"], CLUSTER_ARGS)
+    app["args"] = merge(app["args"], CLUSTER_ARGS)
     if gpu:
-        app["args"] = _merge(app["args"], GPU_ARGS)
+        app["args"] = merge(app["args"], GPU_ARGS)
         for deployment in app["deployments"]:
-            deployment.update(_merge(deployment, GPU_DEPLOYMENTS.get(deployment["name"], {})))
+            deployment.update(merge(deployment, GPU_DEPLOYMENTS.get(deployment["name"], {})))
     return config
 
 

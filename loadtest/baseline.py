@@ -89,7 +89,7 @@ class StockVisionService(vision_pb2_grpc.VisionServiceServicer):
             if not first_ms:
                 first_ms = (time.perf_counter() - arrival) * 1e3
             pieces += 1
-            yield vision_pb2.GenerateEvent(delta=vision_pb2.TextDelta(text=text))
+            yield vision_pb2.GenerateEvent(delta=common_pb2.TextDelta(text=text))
         await future
         yield vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
             ttft_ms=first_ms, language=common_pb2.Usage(

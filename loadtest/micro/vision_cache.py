@@ -13,14 +13,14 @@ Run inside `.ci/isolated` (Ray binds some ports on all interfaces).
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from loadtest.runner import photo_variant
 
 MODEL_DIR = Path("models/bench-clip-l")
 
@@ -29,19 +29,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def images(n: int, seed: int = 0) -> list[bytes]:
+def images(n: int) -> list[bytes]:
     """Distinct 672x680 (2x2-grid) PNGs cut from a real photo with noise added."""
-    import skimage.data
-
-    base = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((680, 672)))
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        noisy = np.clip(base.astype(np.int16) + rng.integers(-8, 9, base.shape), 0, 255)
-        buf = io.BytesIO()
-        Image.fromarray(noisy.astype(np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [photo_variant(seed) for seed in range(n)]
 
 
 def vision_ms(client: Any, image: bytes, question: str, method: str) -> tuple[float, bool]:

@@ -156,7 +156,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         try:
             async for event in self._events(request):
                 if isinstance(event, Delta):
-                    yield language_pb2.GenerateResponse(delta=language_pb2.TextDelta(
+                    yield language_pb2.GenerateResponse(delta=common_pb2.TextDelta(
                         text=event.text, token_ids=event.token_ids))
                 else:
                     yield language_pb2.GenerateResponse(usage=self._usage(event, arrival,

@@ -2,7 +2,7 @@
 
     async with LanguageClient("127.0.0.1:50052") as client:
         async for part in client.generate(packed, "What is shown?", max_new_tokens=64):
-            ...  # language_pb2.TextDelta, then a final common_pb2.Usage
+            ...  # common_pb2.TextDelta, then a final common_pb2.Usage
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hero_core.packing import PackedTokens
 from services.common.codec import DTYPE_NAMES, MAX_CHUNK_BYTES, packed_messages
 from services.sdk.channel import AsyncChannelClient
 
-Part = language_pb2.TextDelta | common_pb2.Usage
+Part = common_pb2.TextDelta | common_pb2.Usage
 
 
 def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader, dtype: str,

@@ -201,8 +201,7 @@ class VisionIngress:
                     else:
                         if not first_ms:
                             first_ms = (time.perf_counter() - arrival) * 1e3
-                        yield vision_pb2.GenerateEvent(delta=vision_pb2.TextDelta(
-                            text=part.text, token_ids=list(part.token_ids)))
+                        yield vision_pb2.GenerateEvent(delta=part)
                 return
             except grpc.aio.AioRpcError as exc:
                 retry = (not first_ms and exc.code() == grpc.StatusCode.UNAVAILABLE

@@ -12,15 +12,7 @@ from hero.language.v1 import language_pb2_grpc
 
 from hero_core.generation import format_prompt, generate_greedy
 from hero_core.methods import create_method
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from services.local import free_port  # noqa: F401  (re-exported for the tests)
 
 
 class ServerThread:

@@ -21,7 +21,7 @@ QUESTION = "What is the astronaut holding?"
 
 
 def tokens_of(parts):
-    return [t for p in parts if isinstance(p, language_pb2.TextDelta) for t in p.token_ids]
+    return [t for p in parts if isinstance(p, common_pb2.TextDelta) for t in p.token_ids]
 
 
 def requests(packed, prompt=QUESTION, dtype="float32", chunk_bytes=1 << 20, **params):
@@ -57,7 +57,7 @@ def test_equivalence_streamed_tokens_match_in_process_generation(server, astrona
         client.close()
     expected = reference(astronaut_tokens, QUESTION, 24)
     assert tokens_of(parts) == expected
-    text = "".join(p.text for p in parts if isinstance(p, language_pb2.TextDelta))
+    text = "".join(p.text for p in parts if isinstance(p, common_pb2.TextDelta))
     assert text == vlm.tokenizer.decode(expected, skip_special_tokens=True)
     usage = parts[-1]
     assert isinstance(usage, common_pb2.Usage)
