@@ -8,7 +8,7 @@ GEN    := build/gen
 PROTOS := $(shell find protos -name '*.proto')
 OUT    := out
 
-.PHONY: help setup kubectl test test-fast demo bench lint clean
+.PHONY: help setup kubectl test test-fast demo bench soak lint clean
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make test    setup, then run every test"
 	@echo "make demo    setup, run the whole system locally, ask it about a real photo, stop"
 	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
+	@echo "make soak    setup, then 5 minutes of mixed traffic and faults; rewrites docs/RELIABILITY.md"
 	@echo "make lint    ruff + mypy (strict on hero_core)"
 
 setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl
@@ -62,6 +63,9 @@ demo: setup
 
 bench: setup
 	.ci/isolated $(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
+
+soak: setup
+	.ci/isolated $(BIN)/python -m loadtest.soak --duration 300 --rate 3 --out docs/RELIABILITY.md
 
 lint: setup
 	$(BIN)/ruff check .

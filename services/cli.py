@@ -118,8 +118,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     image = None if args.image_id else args.image
     usage = None
+    credentials = None
+    if args.tls or args.tls_ca:  # the public endpoint behind a TLS-terminating proxy
+        root = args.tls_ca.read_bytes() if args.tls_ca else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=root)
     try:
-        with VisionClient(args.target, token=args.token) as client:
+        with VisionClient(args.target, token=args.token, credentials=credentials) as client:
             events = client.generate(image, args.question, image_id=args.image_id,
                                      method=args.method or "", retention=args.retention or 0.0,
                                      max_new_tokens=args.max_new_tokens, timeout=args.timeout)
@@ -180,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=300.0)
     ask.add_argument("--token", default=os.environ.get("HERO_API_TOKEN"),
                      help="bearer token of the API (env HERO_API_TOKEN)")
+    ask.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    ask.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA (PEM)")
     ask.set_defaults(func=cmd_ask)
     return parser
 

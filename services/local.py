@@ -98,11 +98,13 @@ class LanguageProcess:
     """`python -m services.language` as a child process, waited on until SERVING."""
 
     def __init__(self, model: str, models_dir: Path, port: int | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, metrics_port: int = 0):
         self.port = port or free_port()
+        self.metrics_port = metrics_port
+        """Prometheus /metrics on 127.0.0.1 (0: none)."""
         self.env = {**os.environ, "HERO_LANGUAGE_PORT": str(self.port),
                     "HERO_LANGUAGE_MODEL": model, "HERO_LANGUAGE_MODELS_DIR": str(models_dir),
-                    "HERO_LANGUAGE_METRICS_PORT": "0", **(extra_env or {})}
+                    "HERO_LANGUAGE_METRICS_PORT": str(metrics_port), **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -204,10 +206,12 @@ class LocalSystem:
     def __init__(self, model: str = "tiny", models_dir: Path = Path("models"),
                  redis_url: str | None = None, grpc_port: int = 9000,
                  language_port: int | None = None, num_cpus: int | None = None,
-                 vision_args: dict[str, Any] | None = None):
+                 vision_args: dict[str, Any] | None = None,
+                 language_env: dict[str, str] | None = None):
         self.redis = None if redis_url else RedisProcess()
         self.redis_url = redis_url
-        self.language = LanguageProcess(model, models_dir.resolve(), language_port)
+        self.language = LanguageProcess(model, models_dir.resolve(), language_port,
+                                        extra_env=language_env, metrics_port=free_port())
         args = {"model": model, "models_dir": str(models_dir.resolve()),
                 "language_target": self.language.target, **(vision_args or {})}
         self.args = args

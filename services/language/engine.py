@@ -33,6 +33,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Generate past end-of-sequence (fixed-length answers for load tests)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +171,7 @@ class TransformersEngine:
             token = sample(out.logits[0, -1], params, generator)
             if step == 0:
                 first_at = time.perf_counter()
-            if token in self.eos_ids:
+            if token in self.eos_ids and not params.ignore_eos:
                 reason = "eos"
                 break
             ids.append(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -58,7 +59,8 @@ def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> S
     check_generation_params(params, limits.max_new_tokens, limits.max_stop_strings,
                             limits.max_stop_chars)
     return SamplingParams(params.max_new_tokens, float(params.temperature),
-                          float(params.top_p) or 1.0, int(params.seed), tuple(params.stop))
+                          float(params.top_p) or 1.0, int(params.seed), tuple(params.stop),
+                          bool(params.ignore_eos))
 
 
 def messages_of(header: language_pb2.GenerateHeader,
@@ -68,6 +70,17 @@ def messages_of(header: language_pb2.GenerateHeader,
     return turns_of(header.prompt if which == "prompt" else None,
                     list(header.chat.messages) if which == "chat" else None,
                     limits.max_prompt_chars, limits.max_messages)
+
+
+async def _drain(stream: AsyncIterator[language_pb2.GenerateRequest],
+                 timeout_s: float = 5.0) -> None:
+    """Read and drop what the client is still sending before refusing its call: a client
+    whose request stream is cut mid-write sees a broken stream (INTERNAL) instead of the
+    status it should get (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout_s):
+            async for _ in stream:
+                pass
 
 
 async def _next(stream: AsyncIterator[language_pb2.GenerateRequest], want: str) -> Any:
@@ -129,6 +142,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             raise
         except Exception as exc:  # every failure leaves as one status, mapped in one place
             code, message = status_for(exc, request_id)
+            await _drain(request_iterator)
             await context.abort(code, message)
         finally:
             self.metrics.finish(code.name)

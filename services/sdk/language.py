@@ -36,9 +36,11 @@ def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader,
 
 def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
                 request_id: str, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int, stop: Sequence[str]) -> language_pb2.GenerateHeader:
+                seed: int, stop: Sequence[str], ignore_eos: bool = False
+                ) -> language_pb2.GenerateHeader:
     params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seed, stop=list(stop))
+                                         top_p=top_p, seed=seed, stop=list(stop),
+                                         ignore_eos=ignore_eos)
     header = language_pb2.GenerateHeader(request_id=request_id or uuid.uuid4().hex,
                                          params=params)
     if messages is not None:
@@ -63,8 +65,9 @@ class LanguageClient(AsyncChannelClient):
     async def generate(self, packed: PackedTokens, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, stop: Sequence[str] = (), request_id: str = "",
-                       dtype: str = "float16", timeout: float | None = None,
+                       seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       request_id: str = "", dtype: str = "float16",
+                       timeout: float | None = None,
                        chunk_bytes: int = MAX_CHUNK_BYTES) -> AsyncIterator[Part]:
         """Stream one generation: `TextDelta`s, then one `Usage`.
 
@@ -72,7 +75,7 @@ class LanguageClient(AsyncChannelClient):
         out of the loop cancels the call and frees the server's slot.
         """
         header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
-                             seed, stop)
+                             seed, stop, ignore_eos)
         call = self.stub.Generate(generate_requests(packed, header, dtype, chunk_bytes),
                                   timeout=timeout)
         try:

@@ -42,14 +42,14 @@ def generate_request(image: ImageLike | None, prompt: str | None, *,
                      messages: Sequence[tuple[str, str]] | None = None,
                      image_id: str | None = None, method: str = "", retention: float = 0.0,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, stop: Sequence[str] = (), request_id: str = ""
-                     ) -> vision_pb2.GenerateRequest:
+                     seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                     request_id: str = "") -> vision_pb2.GenerateRequest:
     request = vision_pb2.GenerateRequest(
         request_id=request_id, image=image_input(image, image_id),
         prune=vision_pb2.PruneOptions(method=method, retention=retention),
         params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=top_p, seed=seed,
-                                           stop=list(stop)))
+                                           stop=list(stop), ignore_eos=ignore_eos))
     if messages is not None:
         request.chat.messages.extend(common_pb2.ChatMessage(role=r, content=c)
                                      for r, c in messages)

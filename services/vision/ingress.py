@@ -61,6 +61,15 @@ log = logging.getLogger("hero.vision")
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
+def language_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    """The status to give a client for a failed language call. A stream that broke while
+    the request was still being written surfaces in grpc as INTERNAL "Internal error from
+    Core": the language service went away (or refused mid-upload), so it is UNAVAILABLE."""
+    if exc.code() == grpc.StatusCode.INTERNAL and "from Core" in (exc.details() or ""):
+        return grpc.StatusCode.UNAVAILABLE, "language service: the stream broke; retry"
+    return exc.code(), f"language service: {exc.details()}"
+
+
 class ImageNotFoundError(HeroError):
     """An image id the service no longer (or never) had."""
 
@@ -166,7 +175,7 @@ class VisionIngress:
 
     def _fail(self, exc: BaseException, request_id: str, rpc: str, grpc_context: Any) -> None:
         if isinstance(exc, grpc.aio.AioRpcError):  # the language service's own verdict
-            code, message = exc.code(), f"language service: {exc.details()}"
+            code, message = language_status(exc)
         elif isinstance(exc, ImageNotFoundError):
             code, message = grpc.StatusCode.NOT_FOUND, str(exc)
         else:
@@ -192,7 +201,8 @@ class VisionIngress:
             parts = self.language.generate(
                 tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                stop=list(params.stop), request_id=request_id, dtype=self.config.cache.dtype,
+                stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
+                dtype=self.config.cache.dtype,
                 timeout=self.config.language_timeout_s)
             try:
                 async for part in parts:
@@ -204,7 +214,7 @@ class VisionIngress:
                         yield vision_pb2.GenerateEvent(delta=part)
                 return
             except grpc.aio.AioRpcError as exc:
-                retry = (not first_ms and exc.code() == grpc.StatusCode.UNAVAILABLE
+                retry = (not first_ms and language_status(exc)[0] == grpc.StatusCode.UNAVAILABLE
                          and attempt < self.config.language_retries)
                 if not retry:
                     raise

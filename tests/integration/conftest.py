@@ -37,7 +37,9 @@ def system(tiny_dir):
     # float32 end to end, so the `full` method can be compared with stock transformers.
     system = LocalSystem("tiny", MODELS_DIR, grpc_port=free_port(), num_cpus=2,
                          vision_args={"cache": {"dtype": "float32"},
-                                      "batch": {"batch_wait_timeout_s": 0.05}})
+                                      "batch": {"batch_wait_timeout_s": 0.05}},
+                         # answers long enough to cancel or time out while they stream
+                         language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096"})
     system.start()
     yield system
     system.stop()

@@ -16,8 +16,8 @@ from tests.integration.test_system import Q1, Q2, run
 def test_language_service_killed_mid_stream_gives_unavailable_promptly(system, client, photo):
     data = png(photo)
     run(client, data, Q1, max_new_tokens=2)  # cached, so the stream starts fast
-    events = client.generate(data, "Please describe everything.", max_new_tokens=512,
-                             timeout=60)
+    events = client.generate(data, "Please describe everything.", max_new_tokens=4096,
+                             ignore_eos=True, timeout=60)
     assert next(events).WhichOneof("event") == "accepted"
     assert next(events).WhichOneof("event") == "delta"
     killed = time.monotonic()

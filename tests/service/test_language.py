@@ -108,6 +108,21 @@ def test_stop_strings_end_generation_before_the_stop(server, astronaut_tokens, v
     assert parts[-1].finish_reason == common_pb2.FINISH_REASON_STOP
 
 
+def test_ignore_eos_generates_to_max_new_tokens(server, astronaut_tokens):
+    def answer(**params):
+        parts = [getattr(r, r.WhichOneof("part")) for r in
+                 call(server, requests(astronaut_tokens, **{"max_new_tokens": 512, **params}))]
+        return [t for p in parts[:-1] for t in p.token_ids], parts[-1]
+
+    until_eos, usage = answer()
+    assert usage.finish_reason == common_pb2.FINISH_REASON_EOS  # the tiny model ends early
+    longer = min(len(until_eos) + 40, 512)
+    tokens, usage = answer(ignore_eos=True, max_new_tokens=longer)
+    assert usage.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert usage.completion_tokens == len(tokens) == longer
+    assert tokens[: len(until_eos)] == until_eos
+
+
 def test_sampling_with_a_seed_reproduces(server, astronaut_tokens):
     def sample(seed):
         reqs = requests(astronaut_tokens, max_new_tokens=12, temperature=1.0, top_p=0.9,

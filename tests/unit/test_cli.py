@@ -62,3 +62,14 @@ def test_not_an_image_is_a_clear_error(tmp_path, tiny_dir):
     bogus.write_text("hello")
     out = run_hero("prune", str(bogus), "--models-dir", str(tiny_dir.parent))
     assert out.returncode == 2 and "could not be decoded" in out.stderr
+
+
+def test_ask_over_tls_to_a_closed_port_is_a_clear_error(tmp_path):
+    from services.local import free_port
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    out = run_hero("ask", "--image-id", "0" * 64, "what is it?", "--target",
+                   f"127.0.0.1:{free_port()}", "--tls", "--timeout", "5")
+    assert out.returncode == 2
+    assert "UNAVAILABLE" in out.stderr

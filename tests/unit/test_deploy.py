@@ -130,13 +130,49 @@ def test_the_repo_serve_config_is_valid_and_the_k8s_copy_is_rendered_from_it():
         assert path.read_text() == text, f"{path.name} is stale: run python k8s/render.py"
 
 
+def test_the_public_endpoint_has_tls_in_front_of_it(rendered):
+    # Compose: Envoy ends TLS on 9443 and forwards HTTP/2 to the vision service.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    edge = compose["services"]["edge"]
+    assert edge["ports"] == ["127.0.0.1:9443:9443"] and edge["profiles"] == ["tls"]
+    envoy = yaml.safe_load(compose["configs"]["envoy"]["content"])["static_resources"]
+    chain = envoy["listeners"][0]["filter_chains"][0]
+    tls = chain["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("DownstreamTlsContext")
+    files = {c["certificate_chain"]["filename"] for c in
+             tls["common_tls_context"]["tls_certificates"]}
+    assert files == {f"/run/secrets/{s['target']}" for s in edge["secrets"]
+                     if s["target"].endswith(".crt")}
+    upstream = envoy["clusters"][0]
+    address = upstream["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert address["address"]["socket_address"] == {"address": "vision", "port_value": 9000}
+    assert "http2_protocol_options" in str(upstream)
+    assert all("file" in s for s in compose["secrets"].values())
+    # Kubernetes: the Ingress ends TLS and speaks gRPC to the Service; port 9000 admits only
+    # the ingress controller and labelled in-cluster clients.
+    _, docs = rendered
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    assert ingress["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert ingress["spec"]["tls"][0]["secretName"]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = next(d for d in docs if d["kind"] == "Service"
+                   and d["metadata"]["name"] == backend["name"])
+    assert backend["port"]["number"] == service["spec"]["ports"][0]["port"] == 9000
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "hero-vision-ingress")
+    public = [r for r in policy["spec"]["ingress"]
+              if any(p["port"] == 9000 for p in r.get("ports", []))]
+    assert public and all(r.get("from") for r in public)
+
+
 def test_compose_file_matches_the_compose_spec():
     schema = json.loads((SHARED / "compose" / "compose-spec.json").read_text())
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     jsonschema.Draft7Validator(schema).validate(compose)
     services = compose["services"]
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"vision", "vision-gpu", "prometheus"}
+    assert published == {"vision", "vision-gpu", "prometheus", "edge"}
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
     redis_args = " ".join(services["redis"]["command"])
     assert "--maxmemory-policy allkeys-lru" in redis_args

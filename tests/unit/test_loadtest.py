@@ -78,3 +78,35 @@ def test_the_locustfile_defines_a_user_with_a_task():
     tasks = [f for f in users[0].body if isinstance(f, ast.FunctionDef)
              and any(getattr(d, "id", "") == "task" for d in f.decorator_list)]
     assert tasks, "the User has no @task"
+
+
+def test_soak_verdicts_tell_deserved_outcomes_from_degraded_other_and_lost():
+    from loadtest.soak import KINDS, verdict
+
+    kinds = {k.name: k for k in KINDS}
+    assert verdict(kinds["hit"], "OK") == "expected"
+    assert verdict(kinds["hit"], "UNAVAILABLE") == "degraded"
+    assert verdict(kinds["hit"], "RESOURCE_EXHAUSTED") == "degraded"
+    assert verdict(kinds["hit"], "INTERNAL") == "other"
+    assert verdict(kinds["hit"], "LOST") == "lost"
+    assert verdict(kinds["pixel-bomb"], "INVALID_ARGUMENT") == "expected"
+    assert verdict(kinds["pixel-bomb"], "OK") == "other"  # a bomb must never be answered
+    assert verdict(kinds["deadline"], "DEADLINE_EXCEEDED") == "expected"
+
+
+def test_soak_report_counts_every_request_once_and_attributes_faults():
+    from loadtest.soak import Fault, Result, report
+
+    results = [Result("hit", 1.0, "OK", 0.1, "expected"),
+               Result("hit", 12.0, "UNAVAILABLE", 0.2, "degraded"),
+               Result("bad-token", 13.0, "UNAUTHENTICATED", 0.01, "expected"),
+               Result("miss", 31.0, "LOST", 40.0, "lost")]
+    fault = Fault("redis_kill", "Redis killed", 10.0, 15.0, 2.0)
+    text = report({"results": results, "faults": [fault], "duration_s": 60.0, "rate": 1.0,
+                   "seed": 0, "memory": [], "steady_from_s": 50.0}, "cmd", "machine")
+    assert "**4 requests: 2 got the outcome they deserve, 1 a clear retryable error" in text
+    assert "1 lost**" in text
+    assert "| hit | " in text and "OK 1, UNAVAILABLE 1" in text
+    # the fault row counts the valid requests sent in its window (hit at 12 s only)
+    row = next(line for line in text.splitlines() if line.startswith("| Redis killed"))
+    assert "| 1 | UNAVAILABLE 1 | 2.0 |" in row

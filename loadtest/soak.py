@@ -1,0 +1,455 @@
+"""Soak: minutes of mixed traffic against the whole local system while faults are injected
+on a schedule. Every request's outcome is counted; none may be lost.
+
+    .ci/isolated .venv/bin/python -m loadtest.soak --duration 300 --out docs/RELIABILITY.md
+
+It starts its own system (Redis, language service, Ray Serve app; tiny model) because it
+kills and restarts parts of it. The traffic mixes cache hits, misses, Prune calls, client
+cancels, short deadlines and bad inputs of every kind. The first two thirds of the run
+inject faults (Redis killed, Redis flapping, Redis stalled, the language service killed,
+the encoder replicas killed); the last third runs fault-free and measures memory growth.
+
+A request's outcome is `expected` (an answer, or the error its bad input deserves),
+`degraded` (UNAVAILABLE or RESOURCE_EXHAUSTED: a clear, retryable error), `other` (any other
+status) or `lost` (no final status by its deadline plus a grace period).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import io
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from hero.vision.v1 import vision_pb2_grpc
+from PIL import Image
+
+from loadtest.arrivals import poisson_offsets
+from loadtest.runner import photo_variant
+from loadtest.stats import percentile
+from services.sdk.vision import bearer, generate_request, prune_request
+
+TOKEN = "soak-token"
+DEGRADED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+GRACE_S = 10.0
+"""A request without a final status this long after its deadline counts as lost."""
+
+
+# ---- traffic --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of request in the mix."""
+
+    name: str
+    weight: float
+    expected: str
+    """The status this request deserves when nothing is failing."""
+    what: str
+
+
+KINDS = (
+    Kind("hit", 0.34, "OK", "Generate, 8 tokens, an image sent before (cache hit)"),
+    Kind("miss", 0.12, "OK", "Generate, 8 tokens, a new image (encode + store)"),
+    Kind("prune", 0.12, "OK", "Prune: the pruned tokens themselves, float16"),
+    Kind("cancel", 0.05, "CANCELLED", "a long answer the client cancels after its first text"),
+    Kind("deadline", 0.05, "DEADLINE_EXCEEDED", "a long answer with a 1 s client deadline"),
+    Kind("garbage-image", 0.04, "INVALID_ARGUMENT", "image bytes that are not an image"),
+    Kind("pixel-bomb", 0.04, "INVALID_ARGUMENT", "a 10000x8000 PNG of 12 kB (pixel limit)"),
+    Kind("bad-retention", 0.04, "INVALID_ARGUMENT", "retention 1.5"),
+    Kind("bad-method", 0.04, "INVALID_ARGUMENT", "an unknown pruning method"),
+    Kind("bad-params", 0.04, "INVALID_ARGUMENT", "max_new_tokens 0"),
+    Kind("long-prompt", 0.04, "INVALID_ARGUMENT", "a 20,000-character prompt"),
+    Kind("unknown-image", 0.04, "NOT_FOUND", "an image_id the service never saw"),
+    Kind("bad-token", 0.04, "UNAUTHENTICATED", "a wrong bearer token"),
+)
+LONG = {"max_new_tokens": 4096, "ignore_eos": True}
+
+
+def pixel_bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 8_000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
+class Result:
+    """What became of one request."""
+
+    kind: str
+    sent_s: float
+    """Seconds since the run started."""
+    code: str = "LOST"
+    latency_s: float = 0.0
+    verdict: str = "lost"
+
+
+def verdict(kind: Kind, code: str) -> str:
+    if code == kind.expected:
+        return "expected"
+    if code in DEGRADED:
+        return "degraded"
+    return "lost" if code == "LOST" else "other"
+
+
+class Traffic:
+    """Builds and sends one request of a kind; returns its final status name."""
+
+    def __init__(self, stub: vision_pb2_grpc.VisionServiceStub, pool: list[bytes]):
+        self.stub, self.pool = stub, pool
+        self.bomb = pixel_bomb()
+        self.fresh = 0
+        self.auth = bearer(TOKEN)
+
+    async def send(self, kind: str, i: int) -> str:
+        """The call's final status name (OK for a complete answer)."""
+        image = self.pool[i % len(self.pool)]
+        timeout, options, metadata = 30.0, {"max_new_tokens": 8}, self.auth
+        if kind == "prune":
+            return await self._prune(image)
+        if kind == "miss":
+            self.fresh += 1
+            image = photo_variant(7_000_000 + self.fresh, (400, 500))
+        elif kind in ("cancel", "deadline"):
+            options = LONG
+            timeout = 1.0 if kind == "deadline" else timeout
+        elif kind == "garbage-image":
+            image = os.urandom(2048)
+        elif kind == "pixel-bomb":
+            image = self.bomb
+        elif kind == "bad-retention":
+            options = {**options, "retention": 1.5}
+        elif kind == "bad-method":
+            options = {**options, "method": "no-such-method"}
+        elif kind == "bad-params":
+            options = {"max_new_tokens": 0}
+        elif kind == "bad-token":
+            metadata = bearer("not-the-token")
+        prompt = "x" * 20_000 if kind == "long-prompt" else f"What is in picture {i}?"
+        if kind == "unknown-image":
+            request = generate_request(None, prompt, image_id="0" * 64, **options)
+        else:
+            request = generate_request(image, prompt, **options)
+        return await self._generate(request, timeout, metadata, cancel=kind == "cancel")
+
+    async def _generate(self, request: Any, timeout: float, metadata: Any, cancel: bool) -> str:
+        call = self.stub.Generate(request, timeout=timeout, metadata=metadata)
+        last = ""
+        try:
+            async for event in call:
+                last = event.WhichOneof("event")
+                if cancel and last == "delta":
+                    call.cancel()
+                    return "CANCELLED"
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "OK" if last == "usage" else "INCOMPLETE"
+
+    async def _prune(self, image: bytes) -> str:
+        call = self.stub.Prune(prune_request(image, "What is here?"), timeout=30.0,
+                               metadata=self.auth)
+        try:
+            parts = [response async for response in call]
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "OK" if len(parts) >= 2 and parts[1].HasField("tokens") else "INCOMPLETE"
+
+
+# ---- faults ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Fault:
+    """One injected fault and the window of requests it may affect."""
+
+    name: str
+    what: str
+    start_s: float
+    end_s: float = 0.0
+    recovered_s: float | None = None
+    """Seconds from the fault's end to the first answer of a request sent after it."""
+
+
+class Injector:
+    """Breaks and repairs parts of a `LocalSystem` on a schedule."""
+
+    def __init__(self, system: Any):
+        self.system = system
+
+    async def redis_kill(self) -> None:
+        await self.redis_kill_for(10.0)
+
+    async def redis_flap(self) -> None:
+        for _ in range(3):
+            await self.redis_kill_for(3.0)
+            await asyncio.sleep(3.0)
+
+    async def redis_kill_for(self, seconds: float) -> None:
+        port = self.system.redis.port
+        self.system.redis.proc.kill()
+        self.system.redis.proc.wait()
+        await asyncio.sleep(seconds)
+        self.system.redis.port = port
+        await asyncio.to_thread(self.system.redis.start)
+
+    async def redis_stall(self) -> None:
+        import redis
+
+        redis.Redis(port=self.system.redis.port).execute_command("CLIENT", "PAUSE", 8000, "ALL")
+        await asyncio.sleep(8.5)
+
+    async def language_kill(self) -> None:
+        self.system.language.proc.kill()
+        self.system.language.proc.wait()
+        await asyncio.sleep(3)
+        await asyncio.to_thread(self.system.language.start)
+
+    async def encoder_kill(self) -> None:
+        import ray
+
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if "Encoder" in actor["name"]:
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]),
+                         no_restart=True)
+        await asyncio.sleep(1)
+
+
+FAULTS: tuple[tuple[str, str], ...] = (
+    ("redis_kill", "Redis SIGKILLed, restarted empty 10 s later"),
+    ("redis_stall", "Redis stalled 8 s (CLIENT PAUSE ALL)"),
+    ("language_kill", "language service SIGKILLed mid-traffic, restarted 3 s later"),
+    ("redis_flap", "Redis killed and restarted 3 times, 3 s down / 3 s up"),
+    ("encoder_kill", "every encoder replica killed (Serve replaces them)"),
+)
+
+
+# ---- memory ---------------------------------------------------------------------------
+
+ROLES = {"VisionIngress": "vision ingress replica", "Encoder": "encoder replica",
+         "ProxyActor": "Serve gRPC proxy"}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def processes(system: Any) -> dict[str, int]:
+    """role -> pid of the system's long-lived processes."""
+    found = {"language service": system.language.proc.pid, "redis": system.redis.proc.pid}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        for marker, role in ROLES.items():
+            if cmdline.startswith("ray::") and marker in cmdline:
+                found[role] = int(entry)
+    return found
+
+
+def memory_growth(system: Any, start: dict[str, tuple[int, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for role, pid in sorted(processes(system).items()):
+        first = start.get(role)
+        if first is None or first[0] != pid:
+            continue
+        end = rss_mb(pid)
+        rows.append({"role": role, "start_mb": first[1], "end_mb": end,
+                     "growth_pct": 100 * (end - first[1]) / first[1]})
+    return rows
+
+
+# ---- the run --------------------------------------------------------------------------
+
+async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[str, Any]:
+    channel = grpc.aio.insecure_channel(system.target)
+    traffic = Traffic(vision_pb2_grpc.VisionServiceStub(channel),
+                      [photo_variant(5_000_000 + i, (400, 500)) for i in range(4)])
+    for image in traffic.pool:  # the hit pool is cached before the clock starts
+        await traffic._generate(generate_request(image, "warm up", max_new_tokens=2), 120,
+                                traffic.auth, cancel=False)
+    rng = random.Random(seed)
+    kinds = {k.name: k for k in KINDS}
+    injector, faults = Injector(system), []
+    results: list[Result] = []
+    start = time.monotonic()
+    fault_phase = duration_s * 2 / 3
+    steady_memory: dict[str, tuple[int, float]] = {}
+
+    def now() -> float:
+        return time.monotonic() - start
+
+    async def one(kind: Kind, i: int) -> None:
+        result = Result(kind.name, now())
+        results.append(result)
+        deadline = (1.0 if kind.name == "deadline" else 30.0) + GRACE_S
+        try:
+            code = await asyncio.wait_for(traffic.send(kind.name, i), deadline)
+        except TimeoutError:
+            code = "LOST"
+        result.code, result.latency_s = code, now() - result.sent_s
+        result.verdict = verdict(kind, code)
+
+    async def schedule_faults() -> None:
+        gap = fault_phase / (len(FAULTS) + 1)
+        for n, (name, what) in enumerate(FAULTS):
+            await asyncio.sleep(max(0.0, (n + 1) * gap - now()))
+            fault = Fault(name, what, now())
+            faults.append(fault)
+            action: Callable[[], Awaitable[None]] = getattr(injector, name)
+            await action()
+            fault.end_s = now()
+        await asyncio.sleep(max(0.0, fault_phase + 10 - now()))
+        steady_memory.update({role: (pid, rss_mb(pid))
+                              for role, pid in processes(system).items()})
+
+    tasks = [asyncio.create_task(schedule_faults())]
+    names, weights = [k.name for k in KINDS], [k.weight for k in KINDS]
+    for i, offset in enumerate(poisson_offsets(rate, int(rate * duration_s * 2), seed)):
+        if offset > duration_s:
+            break
+        await asyncio.sleep(max(0.0, offset - now()))
+        tasks.append(asyncio.create_task(one(kinds[rng.choices(names, weights)[0]], i)))
+    await asyncio.gather(*tasks)
+    await channel.close()
+    for fault in faults:
+        after = [r for r in results if r.sent_s >= fault.end_s and r.code == "OK"]
+        fault.recovered_s = min((r.sent_s + r.latency_s for r in after), default=None)
+        if fault.recovered_s is not None:
+            fault.recovered_s -= fault.end_s
+    return {"results": results, "faults": faults, "duration_s": now(),
+            "memory": memory_growth(system, steady_memory), "rate": rate, "seed": seed,
+            "steady_from_s": fault_phase + 10}
+
+
+# ---- the report -----------------------------------------------------------------------
+
+def in_window(result: Result, fault: Fault, recovery_s: float = 15.0) -> bool:
+    return fault.start_s <= result.sent_s <= fault.end_s + recovery_s
+
+
+def codes(results: list[Result]) -> str:
+    counts = collections.Counter(r.code for r in results)
+    return ", ".join(f"{code} {n}" for code, n in counts.most_common()) or "-"
+
+
+def report(run: dict[str, Any], command: str, machine: str) -> str:
+    results: list[Result] = run["results"]
+    by_kind = collections.defaultdict(list)
+    for r in results:
+        by_kind[r.kind].append(r)
+    verdicts = collections.Counter(r.verdict for r in results)
+    lines = [
+        "# Reliability", "",
+        "What the system does when clients misbehave, dependencies fail and load piles up, "
+        "measured by a soak run (`loadtest/soak.py`) against the whole local system: a real "
+        "Redis, the language service process and the Ray Serve vision app (tiny model, CPU).",
+        "",
+        f"* command: `{command}`",
+        f"* machine: {machine}",
+        f"* {run['duration_s']:.0f} s, open-loop Poisson arrivals at {run['rate']:g} req/s "
+        f"(seed {run['seed']}); faults in the first two thirds, none in the last third.",
+        "",
+        f"**{len(results)} requests: {verdicts['expected']} got the outcome they deserve, "
+        f"{verdicts['degraded']} a clear retryable error (UNAVAILABLE / RESOURCE_EXHAUSTED) "
+        f"while a fault lasted, {verdicts['other']} another status, "
+        f"{verdicts['lost']} lost** (no final status within their deadline + {GRACE_S:.0f} s).",
+        "",
+        "## Traffic and bad inputs", "",
+        "| kind | what | expected | sent | outcomes | p50 / p99 s |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for kind in KINDS:
+        rs = by_kind.get(kind.name, [])
+        lat = [r.latency_s for r in rs]
+        p = (f"{percentile(lat, 50):.2f} / {percentile(lat, 99):.2f}" if lat else "-")
+        lines.append(f"| {kind.name} | {kind.what} | {kind.expected} | {len(rs)} | "
+                     f"{codes(rs)} | {p} |")
+    lines += ["", "## Faults injected", "",
+              "Requests counted against a fault were sent between its start and 15 s after "
+              "its end. Recovery: from the fault's end to the first answer of a request sent "
+              "after it.", "",
+              "| fault | at s | lasted s | requests | outcomes | recovered after s |",
+              "|---|---:|---:|---:|---|---:|"]
+    for f in run["faults"]:
+        rs = [r for r in results if in_window(r, f) and kinds_valid(r)]
+        rec = f"{f.recovered_s:.1f}" if f.recovered_s is not None else "never"
+        lines.append(f"| {f.what} | {f.start_s:.0f} | {f.end_s - f.start_s:.1f} | {len(rs)} | "
+                     f"{codes(rs)} | {rec} |")
+    lines += ["", "(valid requests only: hit, miss, prune.)", "",
+              "## Memory in the fault-free third", "",
+              f"RSS of each long-lived process at {run['steady_from_s']:.0f} s and at the end "
+              "(same process; replicas replaced by a fault start their own series).", "",
+              "| process | start MB | end MB | growth |", "|---|---:|---:|---:|"]
+    for m in run["memory"]:
+        lines.append(f"| {m['role']} | {m['start_mb']:.0f} | {m['end_mb']:.0f} | "
+                     f"{m['growth_pct']:+.1f} % |")
+    lines += ["", "## Where each behaviour is tested", "",
+              "| behaviour | test (in `make test`) |", "|---|---|",
+              "| bad inputs get INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED with a message | "
+              "tests/integration/test_system.py, tests/service/test_language.py |",
+              "| fuzzed image, tensor codec and cache-entry decoding raise only typed errors | "
+              "tests/unit/test_fuzz.py, test_codec.py, test_cache_entry.py |",
+              "| Redis killed and restarted, stalled, password-protected | "
+              "tests/integration/test_system.py, tests/service/test_cache_redis.py |",
+              "| language service killed mid-stream: UNAVAILABLE in < 10 s, retries, recovery | "
+              "tests/integration/test_system_faults.py |",
+              "| encoder replica killed: clear codes, Serve replaces it | "
+              "tests/integration/test_system_faults.py |",
+              "| client cancel and deadline stop the generation in the language service | "
+              "tests/integration/test_system_overload.py |",
+              "| past the language queue: RESOURCE_EXHAUSTED at once | "
+              "tests/integration/test_system_overload.py, tests/service/test_language.py |",
+              "| corrupt or mismatched cache entries are misses, overwritten | "
+              "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py |", ""]
+    return "\n".join(lines)
+
+
+def kinds_valid(result: Result) -> bool:
+    return result.kind in ("hit", "miss", "prune")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds")
+    parser.add_argument("--rate", type=float, default=3.0, help="requests per second")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--out", type=Path, default=Path("out/RELIABILITY.md"))
+    args = parser.parse_args()
+
+    from loadtest.bench import machine
+    from services.local import LocalSystem, free_port
+
+    os.environ["HERO_API_TOKENS"] = TOKEN
+    system = LocalSystem("tiny", args.models_dir, grpc_port=free_port(), num_cpus=2,
+                         language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096"})
+    system.start()
+    try:
+        run = asyncio.run(soak(system, args.duration, args.rate, args.seed))
+    finally:
+        system.stop()
+    command = (".ci/isolated .venv/bin/python -m loadtest.soak "
+               f"--duration {args.duration:g} --rate {args.rate:g} --out {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(run, command, machine()))
+    lost = sum(1 for r in run["results"] if r.verdict == "lost")
+    print(f"{len(run['results'])} requests, {lost} lost; report in {args.out}")
+    raise SystemExit(1 if lost else 0)
+
+
+if __name__ == "__main__":
+    main()
