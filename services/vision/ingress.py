@@ -70,6 +70,17 @@ def language_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
     return exc.code(), f"language service: {exc.details()}"
 
 
+async def encoder_call(response: Any) -> Any:
+    """Await a call to the encoder deployment, its failures as retryable statuses."""
+    try:
+        return await response
+    except BackPressureError as exc:  # the encoders' queues are full
+        raise OverloadedError("the encoders are at capacity; retry with backoff") from exc
+    except Exception as exc:  # replica died or Ray failed: the caller may retry
+        raise UnavailableError(f"the encoder is unavailable ({type(exc).__name__}); "
+                               "retry") from exc
+
+
 class ImageNotFoundError(HeroError):
     """An image id the service no longer (or never) had."""
 
@@ -271,7 +282,7 @@ class VisionIngress:
     async def _embed(self, question: str) -> Any:
         if not question.strip():
             return None
-        return await self.encoder.embed_question.remote(question)
+        return await encoder_call(self.encoder.embed_question.remote(question))
 
     def _image_source(self, image: vision_pb2.ImageInput) -> tuple[bytes | None, str]:
         which = image.WhichOneof("source")
@@ -303,13 +314,7 @@ class VisionIngress:
         pixels, grid = await asyncio.to_thread(tile_image, picture, self.tiling)
         sent = time.perf_counter()
         job = EncodeJob(pixels, grid.image_size, method.name, ratio)
-        try:
-            result: EncodeResult | Exception = await self.encoder.encode.remote(job)
-        except BackPressureError as exc:  # the encoders' queues are full
-            raise OverloadedError("the encoders are at capacity; retry with backoff") from exc
-        except Exception as exc:  # replica died or Ray failed: the caller may retry
-            raise UnavailableError(f"the encoder is unavailable ({type(exc).__name__}); "
-                                   "retry") from exc
+        result: EncodeResult | Exception = await encoder_call(self.encoder.encode.remote(job))
         if isinstance(result, Exception):
             raise result
         round_trip_ms = (time.perf_counter() - sent) * 1e3

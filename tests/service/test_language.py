@@ -230,8 +230,8 @@ def test_cancelling_mid_generation_stops_it_and_frees_the_slot(engine, astronaut
     srv = ServerThread(language_config(max_concurrency=1, max_queue=0,
                                        limits={"max_new_tokens": 4096}), lambda: engine).ready()
     try:
-        stream = srv.stub().Generate(iter(requests(astronaut_tokens, max_new_tokens=4000)),
-                                     timeout=120)
+        long = requests(astronaut_tokens, max_new_tokens=4000, ignore_eos=True)
+        stream = srv.stub().Generate(iter(long), timeout=120)
         first = next(stream)
         assert first.WhichOneof("part") == "delta"
         stream.cancel()
@@ -247,7 +247,8 @@ def test_deadline_is_honoured_and_frees_the_slot(engine, astronaut_tokens):
                                        limits={"max_new_tokens": 4096}), lambda: engine).ready()
     try:
         start = time.monotonic()
-        error = rpc_error(srv, requests(astronaut_tokens, max_new_tokens=4000), timeout=0.5)
+        long = requests(astronaut_tokens, max_new_tokens=4000, ignore_eos=True)
+        error = rpc_error(srv, long, timeout=0.5)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - start < 3.0
         wait_until(lambda: srv.servicer.admission.reserved == 0)

@@ -105,6 +105,7 @@ def test_soak_report_counts_every_request_once_and_attributes_faults():
     text = report({"results": results, "faults": [fault], "duration_s": 60.0, "rate": 1.0,
                    "seed": 0, "memory": [], "steady_from_s": 50.0}, "cmd", "machine")
     assert "**4 requests: 2 got the outcome they deserve, 1 a clear retryable error" in text
+    assert "1 of them sent while a fault lasted" in text
     assert "1 lost**" in text
     assert "| hit | " in text and "OK 1, UNAVAILABLE 1" in text
     # the fault row counts the valid requests sent in its window (hit at 12 s only)
