@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import io
 import os
@@ -90,6 +91,8 @@ class Result:
     code: str = "LOST"
     latency_s: float = 0.0
     verdict: str = "lost"
+    details: str = ""
+    """The status message, kept for outcomes that are neither expected nor degraded."""
 
 
 def verdict(kind: Kind, code: str) -> str:
@@ -109,8 +112,8 @@ class Traffic:
         self.fresh = 0
         self.auth = bearer(TOKEN)
 
-    async def send(self, kind: str, i: int) -> str:
-        """The call's final status name (OK for a complete answer)."""
+    async def send(self, kind: str, i: int) -> tuple[str, str]:
+        """The call's final status name (OK for a complete answer) and its message."""
         image = self.pool[i % len(self.pool)]
         timeout, options, metadata = 30.0, {"max_new_tokens": 8}, self.auth
         if kind == "prune":
@@ -140,7 +143,8 @@ class Traffic:
             request = generate_request(image, prompt, **options)
         return await self._generate(request, timeout, metadata, cancel=kind == "cancel")
 
-    async def _generate(self, request: Any, timeout: float, metadata: Any, cancel: bool) -> str:
+    async def _generate(self, request: Any, timeout: float, metadata: Any,
+                        cancel: bool) -> tuple[str, str]:
         call = self.stub.Generate(request, timeout=timeout, metadata=metadata)
         last = ""
         try:
@@ -148,19 +152,20 @@ class Traffic:
                 last = event.WhichOneof("event")
                 if cancel and last == "delta":
                     call.cancel()
-                    return "CANCELLED"
+                    return "CANCELLED", "cancelled by the client"
         except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
-        return "OK" if last == "usage" else "INCOMPLETE"
+            return str(exc.code().name), str(exc.details())
+        return ("OK", "") if last == "usage" else ("INCOMPLETE", f"stream ended after {last}")
 
-    async def _prune(self, image: bytes) -> str:
+    async def _prune(self, image: bytes) -> tuple[str, str]:
         call = self.stub.Prune(prune_request(image, "What is here?"), timeout=30.0,
                                metadata=self.auth)
         try:
             parts = [response async for response in call]
         except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
-        return "OK" if len(parts) >= 2 and parts[1].HasField("tokens") else "INCOMPLETE"
+            return str(exc.code().name), str(exc.details())
+        complete = len(parts) >= 2 and parts[1].HasField("tokens")
+        return ("OK", "") if complete else ("INCOMPLETE", f"{len(parts)} messages")
 
 
 # ---- faults ---------------------------------------------------------------------------
@@ -260,15 +265,26 @@ def processes(system: Any) -> dict[str, int]:
     return found
 
 
-def memory_growth(system: Any, start: dict[str, tuple[int, float]]) -> list[dict[str, Any]]:
+Samples = dict[str, list[tuple[float, int, float]]]
+"""role -> [(seconds since start, pid, RSS MB)]"""
+
+
+def sample_memory(system: Any, at_s: float, samples: Samples) -> None:
+    for role, pid in processes(system).items():
+        with contextlib.suppress(OSError):
+            samples.setdefault(role, []).append((at_s, pid, rss_mb(pid)))
+
+
+def memory_rows(samples: Samples) -> list[dict[str, Any]]:
+    """Per process: its RSS series (one pid: the one alive at the end) and growth."""
     rows = []
-    for role, pid in sorted(processes(system).items()):
-        first = start.get(role)
-        if first is None or first[0] != pid:
-            continue
-        end = rss_mb(pid)
-        rows.append({"role": role, "start_mb": first[1], "end_mb": end,
-                     "growth_pct": 100 * (end - first[1]) / first[1]})
+    for role, series in sorted(samples.items()):
+        last_pid = series[-1][1]
+        mine = [(t, mb) for t, pid, mb in series if pid == last_pid]
+        first, mid, last = mine[0][1], mine[len(mine) // 2][1], mine[-1][1]
+        rows.append({"role": role, "series": mine,
+                     "growth_pct": 100 * (last - first) / first,
+                     "late_growth_pct": 100 * (last - mid) / mid})
     return rows
 
 
@@ -287,7 +303,7 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
     results: list[Result] = []
     start = time.monotonic()
     fault_phase = duration_s * 2 / 3
-    steady_memory: dict[str, tuple[int, float]] = {}
+    memory: Samples = {}
 
     def now() -> float:
         return time.monotonic() - start
@@ -297,11 +313,13 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
         results.append(result)
         deadline = (1.0 if kind.name == "deadline" else 30.0) + GRACE_S
         try:
-            code = await asyncio.wait_for(traffic.send(kind.name, i), deadline)
+            code, details = await asyncio.wait_for(traffic.send(kind.name, i), deadline)
         except TimeoutError:
-            code = "LOST"
+            code, details = "LOST", f"no status after {deadline:.0f} s"
         result.code, result.latency_s = code, now() - result.sent_s
         result.verdict = verdict(kind, code)
+        if result.verdict in ("other", "lost"):
+            result.details = details[:160]
 
     async def schedule_faults() -> None:
         gap = fault_phase / (len(FAULTS) + 1)
@@ -312,9 +330,10 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
             action: Callable[[], Awaitable[None]] = getattr(injector, name)
             await action()
             fault.end_s = now()
-        await asyncio.sleep(max(0.0, fault_phase + 10 - now()))
-        steady_memory.update({role: (pid, rss_mb(pid))
-                              for role, pid in processes(system).items()})
+        while now() < duration_s:  # the fault-free third: RSS every 15 s
+            await asyncio.sleep(max(0.0, fault_phase + 10 - now()))
+            sample_memory(system, now(), memory)
+            await asyncio.sleep(15)
 
     tasks = [asyncio.create_task(schedule_faults())]
     names, weights = [k.name for k in KINDS], [k.weight for k in KINDS]
@@ -331,7 +350,7 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
         if fault.recovered_s is not None:
             fault.recovered_s -= fault.end_s
     return {"results": results, "faults": faults, "duration_s": now(),
-            "memory": memory_growth(system, steady_memory), "rate": rate, "seed": seed,
+            "memory": memory_rows(memory), "rate": rate, "seed": seed,
             "steady_from_s": fault_phase + 10}
 
 
@@ -386,6 +405,11 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         p = (f"{percentile(lat, 50):.2f} / {percentile(lat, 99):.2f}" if lat else "-")
         lines.append(f"| {kind.name} | {kind.what} | {kind.expected} | {len(rs)} | "
                      f"{codes(rs)} | {p} |")
+    unexpected = [r for r in results if r.verdict in ("other", "lost")]
+    if unexpected:
+        lines += ["", "Requests with another status, each:", ""]
+        lines += [f"* {r.kind} at {r.sent_s:.0f} s: {r.code}: {r.details or '-'}"
+                  for r in unexpected]
     refused = [r.latency_s for r in results if r.code == "RESOURCE_EXHAUSTED"]
     if refused:
         lines += ["", f"RESOURCE_EXHAUSTED answers: {len(refused)}, p50 "
@@ -403,12 +427,14 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
                      f"{codes(rs)} | {rec} |")
     lines += ["", "(valid requests only: hit, miss, prune.)", "",
               "## Memory in the fault-free third", "",
-              f"RSS of each long-lived process at {run['steady_from_s']:.0f} s and at the end "
-              "(same process; replicas replaced by a fault start their own series).", "",
-              "| process | start MB | end MB | growth |", "|---|---:|---:|---:|"]
+              f"RSS of each long-lived process every 15 s from {run['steady_from_s']:.0f} s to "
+              "the end (the process alive at the end; a replica a fault replaced starts its "
+              "own series). Growth over the whole series and over its second half.", "",
+              "| process | RSS MB over time | growth | second half |", "|---|---|---:|---:|"]
     for m in run["memory"]:
-        lines.append(f"| {m['role']} | {m['start_mb']:.0f} | {m['end_mb']:.0f} | "
-                     f"{m['growth_pct']:+.1f} % |")
+        series = " → ".join(f"{mb:.0f}" for _, mb in m["series"])
+        lines.append(f"| {m['role']} | {series} | {m['growth_pct']:+.1f} % | "
+                     f"{m['late_growth_pct']:+.1f} % |")
     lines += ["", "Redis grows while new images fill the cache; `maxmemory` with LRU eviction "
               "bounds it.", "", "## Where each behaviour is tested", "",
               "| behaviour | test (in `make test`) |", "|---|---|",

@@ -111,3 +111,14 @@ def test_soak_report_counts_every_request_once_and_attributes_faults():
     # the fault row counts the valid requests sent in its window (hit at 12 s only)
     row = next(line for line in text.splitlines() if line.startswith("| Redis killed"))
     assert "| 1 | UNAVAILABLE 1 | 2.0 |" in row
+
+
+def test_soak_memory_rows_follow_the_process_alive_at_the_end():
+    from loadtest.soak import memory_rows
+
+    samples = {"encoder replica": [(210, 1, 900.0), (225, 2, 500.0), (240, 2, 550.0),
+                                   (255, 2, 550.0)]}
+    (row,) = memory_rows(samples)
+    assert [mb for _, mb in row["series"]] == [500.0, 550.0, 550.0]  # pid 1 was replaced
+    assert row["growth_pct"] == pytest.approx(10.0)
+    assert row["late_growth_pct"] == pytest.approx(0.0)
