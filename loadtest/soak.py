@@ -390,10 +390,11 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         f"{verdicts['other']} another status, {verdicts['lost']} lost** (no final status "
         f"within their deadline + {GRACE_S:.0f} s).",
         "",
-        "Outside fault windows, RESOURCE_EXHAUSTED is the language service's admission at work: "
-        "it runs one generation and queues 8 (its defaults), and the long `cancel` and "
-        "`deadline` requests hold its slot for up to a second each; past the queue it refuses "
-        "at once (see the p50 / p99 of refused requests below) instead of letting latency grow.",
+        "Outside fault windows, RESOURCE_EXHAUSTED is admission at work: the language service "
+        "runs one generation and queues 8 (its defaults), and the long `cancel` and `deadline` "
+        "requests hold its slot for up to a second each; the encoder deployment runs 16 "
+        "encodes and queues 16. Past a queue the request is refused on arrival there; its "
+        "end-to-end time below includes what it spent before (an encode, on a miss).",
         "",
         "## Traffic and bad inputs", "",
         "| kind | what | expected | sent | outcomes | p50 / p99 s |",
