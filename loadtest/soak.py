@@ -36,7 +36,7 @@ from PIL import Image
 from loadtest.arrivals import poisson_offsets
 from loadtest.runner import photo_variant
 from loadtest.stats import percentile
-from services.sdk.vision import bearer, generate_request, prune_request
+from services.sdk.vision import bearer, call_metadata, generate_request, prune_request
 
 TOKEN = "soak-token"
 DEGRADED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
@@ -145,7 +145,8 @@ class Traffic:
 
     async def _generate(self, request: Any, timeout: float, metadata: Any,
                         cancel: bool) -> tuple[str, str]:
-        call = self.stub.Generate(request, timeout=timeout, metadata=metadata)
+        call = self.stub.Generate(request, timeout=timeout,
+                                  metadata=call_metadata(metadata, timeout))
         last = ""
         try:
             async for event in call:

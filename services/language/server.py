@@ -38,7 +38,7 @@ from services.common.codec import (
     packed_from_layout,
 )
 from services.common.config import load_config
-from services.common.errors import UnavailableError, status_for
+from services.common.errors import DeadlineError, UnavailableError, status_for
 from services.common.metrics import serve_metrics
 from services.common.params import check_generation_params, turns_of
 from services.common.tls import server_credentials
@@ -131,9 +131,11 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             try:
                 request = await self._read_request(header, request_id, request_iterator)
                 self.metrics.visual_tokens.observe(request.packed.num_tokens)
+                remaining = context.time_remaining()
+                deadline = None if remaining is None else time.monotonic() + remaining
                 async with ticket:
                     queue_ms = (time.perf_counter() - arrival) * 1e3
-                    async for response in self._stream(request, arrival, queue_ms):
+                    async for response in self._stream(request, arrival, queue_ms, deadline):
                         yield response
             finally:
                 ticket.release()
@@ -164,11 +166,13 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         engine.check(request, self.limits.max_prompt_tokens)
         return request
 
-    async def _stream(self, request: EngineRequest, arrival: float, queue_ms: float
-                      ) -> AsyncIterator[language_pb2.GenerateResponse]:
+    async def _stream(self, request: EngineRequest, arrival: float, queue_ms: float,
+                      deadline: float | None) -> AsyncIterator[language_pb2.GenerateResponse]:
         self.metrics.in_flight.inc()
         try:
-            async for event in self._events(request):
+            async for event in self._events(request, deadline):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineError("the call's deadline passed; generation stopped")
                 if isinstance(event, Delta):
                     yield language_pb2.GenerateResponse(delta=common_pb2.TextDelta(
                         text=event.text, token_ids=event.token_ids))
@@ -188,16 +192,22 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             ttft_ms=ttft_ms, decode_tokens_per_s=done.decode_tokens_per_s, queue_ms=queue_ms,
             finish_reason=FINISH[done.finish_reason])
 
-    async def _events(self, request: EngineRequest) -> AsyncIterator[Delta | Finished]:
-        """Run the engine in a worker thread; stop it when the call ends for any reason."""
+    async def _events(self, request: EngineRequest, deadline: float | None = None
+                      ) -> AsyncIterator[Delta | Finished]:
+        """Run the engine in a worker thread; stop it when the call ends for any reason,
+        its deadline included (grpc does not always cancel a handler whose deadline passed
+        while it was streaming)."""
         engine = self._engine()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
 
+        def should_stop() -> bool:
+            return stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
         def work() -> None:
             try:
-                for event in engine.generate(request, stop.is_set):
+                for event in engine.generate(request, should_stop):
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except BaseException as exc:  # handed to the event loop, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)

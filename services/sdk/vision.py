@@ -82,6 +82,20 @@ def bearer(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
 
+TIMEOUT_HEADER = "hero-timeout-ms"
+"""Metadata carrying the call's deadline to the vision service. Serve's gRPC proxy does not
+forward gRPC deadlines to the replicas (and does not always cancel them when one passes),
+so clients send it here too; the service then bounds its language call by it."""
+
+
+def call_metadata(metadata: list[tuple[str, str]] | None, timeout: float | None
+                  ) -> list[tuple[str, str]] | None:
+    """`metadata` plus the deadline header when the call has a timeout."""
+    if timeout is None:
+        return metadata
+    return [*(metadata or []), (TIMEOUT_HEADER, str(max(1, int(timeout * 1000))))]
+
+
 class VisionClient:
     """Blocking client. `token`: the API's bearer token, if it requires one."""
 
@@ -107,14 +121,16 @@ class VisionClient:
                  ) -> Iterator[vision_pb2.GenerateEvent]:
         """Events: accepted, text deltas, usage. Raises `grpc.RpcError` on failure."""
         yield from self.stub.Generate(generate_request(image, prompt, **options),
-                                      timeout=timeout, metadata=self.metadata)
+                                      timeout=timeout,
+                                      metadata=call_metadata(self.metadata, timeout))
 
     def prune(self, image: ImageLike | None, question: str = "", *,
               timeout: float | None = None, **options: Any
               ) -> tuple[vision_pb2.Accepted, PackedTokens]:
         """The pruned tokens themselves, for clients that run their own LLM."""
         responses = list(self.stub.Prune(prune_request(image, question, **options),
-                                         timeout=timeout, metadata=self.metadata))
+                                         timeout=timeout,
+                                         metadata=call_metadata(self.metadata, timeout)))
         return assemble_pruned(responses)
 
 
@@ -131,7 +147,7 @@ class AsyncVisionClient(AsyncChannelClient):
                        timeout: float | None = None, **options: Any
                        ) -> AsyncIterator[vision_pb2.GenerateEvent]:
         call = self.stub.Generate(generate_request(image, prompt, **options), timeout=timeout,
-                                  metadata=self.metadata)
+                                  metadata=call_metadata(self.metadata, timeout))
         try:
             async for event in call:
                 yield event
@@ -142,5 +158,5 @@ class AsyncVisionClient(AsyncChannelClient):
                     timeout: float | None = None, **options: Any
                     ) -> tuple[vision_pb2.Accepted, PackedTokens]:
         call = self.stub.Prune(prune_request(image, question, **options), timeout=timeout,
-                               metadata=self.metadata)
+                               metadata=call_metadata(self.metadata, timeout))
         return assemble_pruned([r async for r in call])

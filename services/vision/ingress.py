@@ -52,6 +52,7 @@ from services.common.params import check_generation_params, turns_of
 from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
+from services.sdk.vision import TIMEOUT_HEADER
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
 from services.vision.encoder import EncodeJob, EncodeResult
@@ -59,6 +60,16 @@ from services.vision.metrics import VisionMetrics
 
 log = logging.getLogger("hero.vision")
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def client_deadline(grpc_context: Any, arrival: float) -> float | None:
+    """The client's deadline on the `time.perf_counter()` clock, from the `hero-timeout-ms`
+    metadata the SDK sends (Serve's proxy does not pass gRPC deadlines on)."""
+    metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
+    raw = str(metadata.get(TIMEOUT_HEADER, ""))
+    if not raw.isdigit():
+        return None
+    return arrival + int(raw) / 1000
 
 
 def language_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
@@ -152,9 +163,11 @@ class VisionIngress:
                              self.config.max_prompt_chars)
             check_generation_params(request.params, 1 << 20)
             question = next((t for r, t in reversed(turns) if r == "user"), "")
+            deadline = client_deadline(grpc_context, arrival)
             tokens = await self.tokens(request.image, request.prune, question)
             yield vision_pb2.GenerateEvent(accepted=self._accepted(tokens))
-            async for event in self._answer(request, request_id, turns, tokens, arrival):
+            async for event in self._answer(request, request_id, turns, tokens, arrival,
+                                            deadline):
                 yield event
             self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
         except Exception as exc:
@@ -203,18 +216,21 @@ class VisionIngress:
                                    tokens_total=tokens.packed.full_tokens)
 
     async def _answer(self, request: vision_pb2.GenerateRequest, request_id: str,
-                      turns: tuple[tuple[str, str], ...], tokens: Tokens, arrival: float
-                      ) -> AsyncIterator[vision_pb2.GenerateEvent]:
+                      turns: tuple[tuple[str, str], ...], tokens: Tokens, arrival: float,
+                      deadline: float | None) -> AsyncIterator[vision_pb2.GenerateEvent]:
         """Stream the answer; a call that fails UNAVAILABLE before its first text is retried
-        with backoff (nothing was sent yet, so a retry is safe)."""
+        with backoff (nothing was sent yet, so a retry is safe). The language call ends at
+        the client's deadline when the client sent one."""
         params, first_ms = request.params, 0.0
         for attempt in range(self.config.language_retries + 1):
+            timeout = self.config.language_timeout_s
+            if deadline is not None:
+                timeout = min(timeout, max(deadline - time.perf_counter(), 0.001))
             parts = self.language.generate(
                 tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature, top_p=params.top_p, seed=params.seed,
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
-                dtype=self.config.cache.dtype,
-                timeout=self.config.language_timeout_s)
+                dtype=self.config.cache.dtype, timeout=timeout)
             try:
                 async for part in parts:
                     if isinstance(part, common_pb2.Usage):

@@ -12,7 +12,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.local import wait_for
-from services.sdk.vision import generate_request
+from services.sdk.vision import call_metadata, generate_request
 from tests.integration.conftest import png
 from tests.integration.test_system import Q1, run
 
@@ -36,11 +36,16 @@ def in_flight(system) -> float:
     return language_metrics(system)[("hero_language_in_flight", ())]
 
 
+def ended(system) -> float:
+    """Language calls that ended early: cancelled, or stopped at their deadline."""
+    return finished(system, "CANCELLED") + finished(system, "DEADLINE_EXCEEDED")
+
+
 def wait_cancelled(system, cancelled_before: float, timeout_s: float = 10) -> None:
-    """Until the language service has counted one more CANCELLED call and runs nothing."""
+    """Until the language service has ended one more call early and runs nothing."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if finished(system, "CANCELLED") > cancelled_before and in_flight(system) == 0:
+        if ended(system) > cancelled_before and in_flight(system) == 0:
             return
         time.sleep(0.1)
     calls = {k: v for k, v in language_metrics(system).items()
@@ -52,13 +57,15 @@ def long_call(client, data: bytes, timeout: float):
     # 4096 tokens (past end-of-sequence) take several seconds on the tiny model: far longer
     # than a cancel's trip through Serve
     request = generate_request(data, LONG, max_new_tokens=4096, ignore_eos=True)
-    return client.stub.Generate(request, timeout=timeout, metadata=client.metadata)
+    # as the SDK does: the deadline also travels as metadata, which Serve's proxy passes on
+    return client.stub.Generate(request, timeout=timeout,
+                                metadata=call_metadata(client.metadata, timeout))
 
 
 def test_a_client_cancel_stops_the_generation_in_the_language_service(system, client, photo):
     data = png(photo)
     run(client, data, Q1, max_new_tokens=2)  # cached: the stream starts at once
-    before = finished(system, "CANCELLED")
+    before = ended(system)
     call = long_call(client, data, timeout=60)
     events = iter(call)
     assert next(events).WhichOneof("event") == "accepted"
@@ -74,7 +81,7 @@ def test_a_client_deadline_ends_the_call_in_time_and_frees_the_language_service(
         system, client, photo):
     data = png(photo)
     run(client, data, Q1, max_new_tokens=2)
-    before = finished(system, "CANCELLED")
+    before = ended(system)
     start = time.monotonic()
     call = long_call(client, data, timeout=1.5)
     try:
