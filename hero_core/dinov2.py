@@ -28,6 +28,7 @@ import torch
 
 from hero_core.encoder import VisionEncoder
 from hero_core.errors import ModelLoadError
+from hero_core.methods.hero import EQUAL_BUDGETS_TEMPERATURE
 from hero_core.tiling import TilingSpec
 
 if TYPE_CHECKING:
@@ -352,7 +353,8 @@ def load_dinov2_tower(crop_size: int = 224) -> tuple[VisionEncoder, TilingSpec]:
 
 
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "hero": {"object_layer": 5, "artifact_layer": 10, "budget_temperature": 1e9},
+    "hero": {"object_layer": 5, "artifact_layer": 10,
+             "budget_temperature": EQUAL_BUDGETS_TEMPERATURE},
     "fastervlm": {"layer": 10},
     "hired": {"guide_layer": 0, "select_layer": 10},
     "visionzip": {"layer": 10},

@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 
 from hero_core.fidelity.evaluation import MethodSpec
+from hero_core.methods.hero import EQUAL_BUDGETS_TEMPERATURE
 
 BASELINES = ("random", "fastervlm", "hired", "visionzip", "globalcom2")
 """The registry's other methods, in report order."""
-UNIFORM_TEMPERATURE = 1e9
-"""A budget temperature so high that `softmax(imp / tau)` is flat: equal tile budgets."""
+UNIFORM_TEMPERATURE = EQUAL_BUDGETS_TEMPERATURE
 BASE_LABEL = "hero (as reconstructed)"
 UNIFORM_LABEL = "uniform tile budgets"
 SWEEP_MODES: dict[str, tuple[str, dict[str, object]]] = {

@@ -54,6 +54,10 @@ class HeroConfig:
         require(self.max_artifact_tokens >= 0, "max_artifact_tokens must be >= 0")
 
 
+EQUAL_BUDGETS_TEMPERATURE = 1e9
+"""A `budget_temperature` so high that `softmax(imp / tau)` is flat: equal tile budgets."""
+
+
 def tile_importance(embeds: torch.Tensor, question: torch.Tensor | None,
                     saliency_weight: float, eps: float = 1e-6) -> torch.Tensor:
     """Importance `(K,)` of the tiles from crop embeddings `(K+1, P)` (thumbnail first).

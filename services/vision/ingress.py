@@ -62,11 +62,15 @@ log = logging.getLogger("hero.vision")
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
+def call_metadata_of(grpc_context: Any) -> dict[str, Any]:
+    """The call's metadata as a dict (empty outside a gRPC call, e.g. in tests)."""
+    return dict(grpc_context.invocation_metadata()) if grpc_context else {}
+
+
 def client_deadline(grpc_context: Any, arrival: float) -> float | None:
     """The client's deadline on the `time.perf_counter()` clock, from the `hero-timeout-ms`
     metadata the SDK sends (Serve's proxy does not pass gRPC deadlines on)."""
-    metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-    raw = str(metadata.get(TIMEOUT_HEADER, ""))
+    raw = str(call_metadata_of(grpc_context).get(TIMEOUT_HEADER, ""))
     if not raw.isdigit():
         return None
     return arrival + int(raw) / 1000
@@ -142,8 +146,8 @@ class VisionIngress:
         """Require `authorization: Bearer <token>` when tokens are configured."""
         if not self.tokens_accepted:
             return
-        metadata = dict(grpc_context.invocation_metadata()) if grpc_context else {}
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        scheme, _, token = str(call_metadata_of(grpc_context).get("authorization",
+                                                                  "")).partition(" ")
         given = token.strip().encode()
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, t)
                                                   for t in self.tokens_accepted):
