@@ -139,7 +139,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                         yield response
             finally:
                 ticket.release()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # a cancelled call: its task cancelled, or its response stream closed by grpc
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # every failure leaves as one status, mapped in one place
