@@ -1,5 +1,5 @@
 """HERO: tile budgets by saliency and relevance, object tokens from tiles, artifact
-tokens from the thumbnail (see ../shared/reference/hero-method.md in the repo docs).
+tokens from the thumbnail. docs/METHOD.md describes the method and each choice below.
 
 Every default below is a reconstruction of the paper's method and a named field.
 """

@@ -18,15 +18,9 @@ import yaml
 from tests.conftest import ROOT
 
 
-def shared_schemas() -> Path:
-    """The project's shared schemas: beside the checkout (CI) or inside it."""
-    for base in (ROOT.parent / "shared", ROOT / "shared"):
-        if (base / "schemas").is_dir():
-            return base / "schemas"
-    raise AssertionError("no shared/schemas beside or inside the checkout")
-
-
-SHARED = shared_schemas()
+# Third-party schemas the tests validate against, carried with their licences
+# (tests/schemas/*/SOURCE.md says where each came from).
+SCHEMAS = ROOT / "tests" / "schemas"
 DOCKERFILE = ROOT / "services" / "Dockerfile"
 OVERLAYS = ("dev", "gpu")
 
@@ -82,7 +76,7 @@ def strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def rayservice_schema() -> dict[str, Any]:
-    crd = yaml.safe_load((SHARED / "kuberay" / "ray.io_rayservices.yaml").read_text())
+    crd = yaml.safe_load((SCHEMAS / "kuberay" / "ray.io_rayservices.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return strict(version["schema"]["openAPIV3Schema"])
 
@@ -167,7 +161,7 @@ def test_the_public_endpoint_has_tls_in_front_of_it(rendered):
 
 
 def test_compose_file_matches_the_compose_spec():
-    schema = json.loads((SHARED / "compose" / "compose-spec.json").read_text())
+    schema = json.loads((SCHEMAS / "compose" / "compose-spec.json").read_text())
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     jsonschema.Draft7Validator(schema).validate(compose)
     services = compose["services"]
