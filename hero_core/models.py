@@ -137,7 +137,7 @@ def encoder_fingerprint(spec: ModelSpec, feature_layer: Any, tiling: TilingSpec)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-PARTS = ("all", "vision", "language")
+PARTS = ("all", "vision", "language", "embeddings")
 
 
 def load_vlm(spec: ModelSpec, parts: str = "all") -> VLM:
@@ -145,8 +145,10 @@ def load_vlm(spec: ModelSpec, parts: str = "all") -> VLM:
 
     `parts="vision"` keeps the vision tower and the text tower (what the vision
     service runs); `parts="language"` keeps projector, image_newline and the LLM
-    (what the language service runs). The unused half is freed before the model
-    moves to its device.
+    (what the language service runs); `parts="embeddings"` keeps projector,
+    image_newline and the LLM's embedding table only (what the language service needs
+    beside an engine that loads the LLM itself, such as vLLM). What is not kept is
+    freed before the model moves to its device.
     """
     if parts not in PARTS:
         raise ValueError(f"parts must be one of {PARTS}")
@@ -167,8 +169,11 @@ def load_vlm(spec: ModelSpec, parts: str = "all") -> VLM:
                              "is supported")
     if parts == "vision":
         del model.model.language_model, model.lm_head
-    elif parts == "language":
+    elif parts in ("language", "embeddings"):
         del model.model.vision_tower
+    if parts == "embeddings":
+        model.model.language_model.layers = nn.ModuleList()
+        del model.lm_head
     model.to(spec.device).eval()
     text_encoder, visual_projection = (None, None) if parts == "language" \
         else load_text_tower(spec)

@@ -76,6 +76,16 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+LM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+    # A ~0.25B Llama (GQA 16/4 heads, a 32,000-token vocabulary like LLaVA's Vicuna) for
+    # language-service benchmarks; ids past the tiny tokenizer decode to no text.
+    "llama-0.3b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16,
+                   "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000},
+}
+
+
 def vision_config(shape: str = "tiny") -> Any:
     from transformers import CLIPVisionConfig
 
@@ -88,7 +98,7 @@ def vision_config(shape: str = "tiny") -> Any:
     )
 
 
-def build_llava(out: Path, tokenizer: Any, shape: str = "tiny") -> Any:
+def build_llava(out: Path, tokenizer: Any, shape: str = "tiny", lm: str = "tiny") -> Any:
     from transformers import (
         LlamaConfig,
         LlavaNextConfig,
@@ -98,8 +108,7 @@ def build_llava(out: Path, tokenizer: Any, shape: str = "tiny") -> Any:
     )
 
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        **{"vocab_size": len(tokenizer), **LM_SHAPES[lm]}, max_position_embeddings=8192,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, tie_word_embeddings=False,
     )
@@ -150,24 +159,26 @@ def build_clip(out: Path, llava: Any, tokenizer: Any, shape: str = "tiny") -> No
     tokenizer.save_pretrained(out)
 
 
-def build_tiny(out_dir: Path, shape: str = "tiny") -> Path:
+def build_tiny(out_dir: Path, shape: str = "tiny", lm: str = "tiny") -> Path:
     """Write the tiny LLaVA-NeXT (`out_dir/llava`) and CLIP (`out_dir/clip`) checkpoints;
-    `shape="clip-l"` gives them CLIP-ViT-L/14-336-sized towers."""
+    `shape="clip-l"` gives them CLIP-ViT-L/14-336-sized towers, `lm="llama-0.3b"` a
+    ~0.25B Llama language model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    llava = build_llava(out_dir / "llava", build_tokenizer(bos_eos=False), shape)
+    llava = build_llava(out_dir / "llava", build_tokenizer(bos_eos=False), shape, lm)
     build_clip(out_dir / "clip", llava, build_tokenizer(bos_eos=True), shape)
-    stamp = {"version": FORMAT_VERSION, "seed": SEED, "shape": shape}
+    stamp = {"version": FORMAT_VERSION, "seed": SEED, "shape": shape, "lm": lm}
     (out_dir / "BUILD.json").write_text(json.dumps(stamp))
     return out_dir
 
 
-def is_built(out_dir: Path, shape: str = "tiny") -> bool:
+def is_built(out_dir: Path, shape: str = "tiny", lm: str = "tiny") -> bool:
     """Whether `out_dir` holds a checkpoint of this shape and the current format version."""
     stamp = out_dir / "BUILD.json"
     if not stamp.exists():
         return False
     built = json.loads(stamp.read_text())
-    return bool(built.get("version") == FORMAT_VERSION and built.get("shape", "tiny") == shape)
+    return bool(built.get("version") == FORMAT_VERSION and built.get("shape", "tiny") == shape
+                and built.get("lm", "tiny") == lm)
 
 
 def main() -> None:
@@ -175,11 +186,12 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path, help="directory to write (e.g. models/tiny)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--lm", choices=sorted(LM_SHAPES), default="tiny")
     args = parser.parse_args()
-    if is_built(args.out_dir, args.shape) and not args.force:
+    if is_built(args.out_dir, args.shape, args.lm) and not args.force:
         print(f"tiny model up to date in {args.out_dir}")
         return
-    build_tiny(args.out_dir, args.shape)
+    build_tiny(args.out_dir, args.shape, args.lm)
     print(f"tiny model written to {args.out_dir}")
 
 

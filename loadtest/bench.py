@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from loadtest import scenarios
-from loadtest.micro import hero_overhead, prefill, vision_cache, wire
+from loadtest.micro import batching, hero_overhead, prefill, vision_cache, wire
 
 
 def machine() -> str:
@@ -52,6 +52,10 @@ def prefill_section() -> str:
     return prefill.report(prefill.run())
 
 
+def batching_section() -> str:
+    return batching.report(batching.run(), Path("docs/bench-batching.png"))
+
+
 def load_section() -> str:
     return scenarios.report(scenarios.run_all(Path("out")))
 
@@ -61,6 +65,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("wire bytes and streaming", wire_section),
     ("vision stage, cache hit vs miss", vision_cache_section),
     ("llm prefill", prefill_section),
+    ("language engines, batched vs one at a time", batching_section),
     ("load against the baseline", load_section),
 ]
 

@@ -374,6 +374,9 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
     verdicts = collections.Counter(r.verdict for r in results)
     during_faults = sum(1 for r in results if r.verdict == "degraded"
                         and any(in_window(r, f) for f in run["faults"]))
+    calm = [r for r in results if r.kind in ("hit", "miss")
+            and not any(in_window(r, f) for f in run["faults"])]
+    calm_ok = sum(1 for r in calm if r.code == "OK")
     lines = [
         "# Reliability", "",
         "What the system does when clients misbehave, dependencies fail and load piles up, "
@@ -391,11 +394,15 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         f"{verdicts['other']} another status, {verdicts['lost']} lost** (no final status "
         f"within their deadline + {GRACE_S:.0f} s).",
         "",
-        "Outside fault windows, RESOURCE_EXHAUSTED is admission at work: the language service "
-        "runs one generation and queues 8 (its defaults), and the long `cancel` and `deadline` "
-        "requests hold its slot for up to a second each; the encoder deployment runs 16 "
-        "encodes and queues 16. Past a queue the request is refused on arrival there; its "
-        "end-to-end time below includes what it spent before (an encode, on a miss).",
+        f"**Outside fault windows, {calm_ok} of {len(calm)} valid hit and miss requests "
+        f"({calm_ok / max(1, len(calm)):.1%}) ended OK** (the rest: "
+        f"{codes([r for r in calm if r.code != 'OK'])}).",
+        "",
+        f"Outside fault windows, RESOURCE_EXHAUSTED is admission at work: {language_limits()}; "
+        "the long `cancel` and `deadline` answers reserve KV for 4,096 tokens each. The "
+        "encoder deployment runs 16 encodes and queues 16. Past a queue the request is "
+        "refused on arrival there; its end-to-end time below includes what it spent before "
+        "(an encode, on a miss).",
         "",
         "## Traffic and bad inputs", "",
         "| kind | what | expected | sent | outcomes | p50 / p99 s |",
@@ -457,6 +464,16 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
               "| corrupt or mismatched cache entries are misses, overwritten | "
               "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py |", ""]
     return "\n".join(lines)
+
+
+def language_limits() -> str:
+    """What the soak's language service admits: its defaults, read from its config."""
+    from services.language.config import LanguageConfig
+
+    c = LanguageConfig()
+    return (f"the language service ({c.engine} engine, its defaults) decodes up to "
+            f"{c.batching.max_batch_size} sequences at once in a KV cache of "
+            f"{c.batching.kv_cache_tokens:,} tokens, and {c.max_queue} more may wait")
 
 
 def kinds_valid(result: Result) -> bool:

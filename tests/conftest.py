@@ -30,6 +30,15 @@ def vlm(tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def language_model(tiny_dir: Path):
+    """The tiny checkpoint's language half, loaded once and shared by every engine."""
+    from hero_core.models import resolve_spec
+    from services.language.model import LanguageModel
+
+    return LanguageModel(resolve_spec("tiny", tiny_dir.parent))
+
+
+@pytest.fixture(scope="session")
 def pruner(vlm):
     from hero_core.pipeline import Pruner
 

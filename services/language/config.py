@@ -29,6 +29,42 @@ class LimitsConfig(BaseModel):
     """Most chat turns in one request."""
 
 
+class BatchingConfig(BaseModel):
+    """The batched engine: how many sequences decode together and how much KV they share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1)
+    """Most sequences in prefill or decode at once."""
+    kv_cache_tokens: int = Field(16384, ge=16)
+    """KV cache size in tokens, shared by the running sequences; each reserves prompt +
+    visual tokens + max_new_tokens when admitted (HERO's shorter prompts fit more)."""
+    kv_cache_bytes: int | None = Field(None, ge=1)
+    """KV cache size in bytes instead (tokens = bytes / the model's KV bytes per token)."""
+    max_prefill_tokens_per_step: int = Field(512, ge=1)
+    """Prompt tokens prefilled per step while other sequences decode: how long a new
+    prompt may stall them. With nobody decoding, a prompt goes in one piece."""
+
+
+class VllmConfig(BaseModel):
+    """The vLLM engine (GPU deployments; `pip install '.[vllm]'`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm: str | None = None
+    """Checkpoint of the LLM alone (the text backbone of `model`) for vLLM to load;
+    None: `model` itself."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """Share of GPU memory vLLM may use for weights, activations and KV cache."""
+    max_num_seqs: int = Field(64, ge=1)
+    """Most sequences vLLM batches in one step."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length; None: the model's."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+    """Skip CUDA graphs (faster start, slower decode)."""
+
+
 class LanguageConfig(BaseModel):
     """Everything the language service reads at start."""
 
@@ -45,10 +81,14 @@ class LanguageConfig(BaseModel):
     """Address to bind; 0.0.0.0 inside a container."""
     port: int = Field(50052, ge=0, le=65535)
     """gRPC port; 0 picks a free one."""
+    engine: Literal["batched", "sequential", "vllm"] = "batched"
+    """batched: continuous batching on transformers (CPU or GPU); sequential: one
+    request per slot (the reference); vllm: vLLM on GPUs."""
     max_concurrency: int = Field(1, ge=1)
-    """Generations that run at once (worker threads)."""
-    max_queue: int = Field(8, ge=0)
-    """Requests that may wait for a slot; past that, RESOURCE_EXHAUSTED at once."""
+    """Slots of the sequential engine (requests that run at once, each in a thread)."""
+    max_queue: int = Field(32, ge=0)
+    """Requests that may wait for room (a batch place and KV space, or a slot); past
+    that, RESOURCE_EXHAUSTED at once."""
     accepted_dtypes: list[Literal["float32", "float16", "bfloat16", "int8"]] = Field(
         default_factory=lambda: ["float32", "float16", "bfloat16", "int8"])
     """Feature dtypes accepted on the wire."""
@@ -67,6 +107,8 @@ class LanguageConfig(BaseModel):
     warmup: bool = True
     """Run one tiny generation before reporting SERVING."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
 
     @model_validator(mode="after")
     def _tls_is_complete(self) -> LanguageConfig:

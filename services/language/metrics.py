@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 320, 640, 1024, 2048, 2928, 4096, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class LanguageMetrics:
-    """All language-service metrics, in a registry of their own."""
+    """All language-service metrics, in a registry of their own; also the engine's
+    observer (`EngineObserver`) for its steps and queue waits."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -32,6 +38,37 @@ class LanguageMetrics:
                                        buckets=TOKEN_BUCKETS, registry=r)
         self.completion_tokens = Counter("hero_language_completion_tokens",
                                          "Tokens generated", registry=r)
+        self.running = Gauge("hero_language_running_sequences",
+                             "Sequences the engine runs now (prefill or decode)", registry=r)
+        self.waiting = Gauge("hero_language_waiting_sequences",
+                             "Sequences waiting in the engine for room", registry=r)
+        self.kv_reserved = Gauge("hero_language_kv_tokens_reserved",
+                                 "KV cache tokens reserved by running sequences", registry=r)
+        self.kv_capacity = Gauge("hero_language_kv_tokens_capacity",
+                                 "KV cache size in tokens", registry=r)
+        self.batch_size = Histogram("hero_language_batch_size",
+                                    "Sequences in each batched decode step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step = Histogram("hero_language_decode_step_seconds",
+                              "Time of each batched decode step", buckets=STEP_BUCKETS_S,
+                              registry=r)
+        self.queue_wait = Histogram("hero_language_queue_wait_seconds",
+                                    "Time a request waited in the engine for room",
+                                    buckets=LATENCY_BUCKETS_S, registry=r)
+
+    def watch(self, stats: Callable[[], Any]) -> None:
+        """Read the gauges from the engine's `stats()` at every scrape."""
+        self.running.set_function(lambda: stats().running)
+        self.waiting.set_function(lambda: stats().waiting)
+        self.kv_reserved.set_function(lambda: stats().kv_tokens_reserved)
+        self.kv_capacity.set_function(lambda: stats().kv_tokens_capacity)
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.step.observe(seconds)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
 
     def finish(self, code: str) -> None:
         self.requests.labels(code).inc()

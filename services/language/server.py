@@ -15,11 +15,9 @@ import dataclasses
 import logging
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,6 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.errors import InvalidInputError
-from services.common.admission import Admission
 from services.common.codec import (
     DTYPE_NAMES,
     ChunkAssembler,
@@ -42,8 +39,16 @@ from services.common.errors import DeadlineError, UnavailableError, status_for
 from services.common.metrics import serve_metrics
 from services.common.params import check_generation_params, turns_of
 from services.common.tls import server_credentials
+from services.language.admission import Admission
 from services.language.config import ENV_PREFIX, LanguageConfig, LimitsConfig
-from services.language.engine import Delta, Engine, EngineRequest, Finished, SamplingParams
+from services.language.engine import (
+    Delta,
+    Engine,
+    EngineRequest,
+    EngineStats,
+    Finished,
+    SamplingParams,
+)
 from services.language.metrics import LanguageMetrics
 
 log = logging.getLogger("hero.language")
@@ -51,7 +56,6 @@ SERVICE = language_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
 FINISH = {"eos": common_pb2.FINISH_REASON_EOS, "length": common_pb2.FINISH_REASON_LENGTH,
           "stop": common_pb2.FINISH_REASON_STOP,
           "cancelled": common_pb2.FINISH_REASON_UNSPECIFIED}
-_DONE = object()
 
 
 def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> SamplingParams:
@@ -102,8 +106,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.limits = config.limits
         self.metrics = metrics
         self.engine: Engine | None = None
-        self.admission = Admission(config.max_concurrency, config.max_queue)
-        self.executor = ThreadPoolExecutor(config.max_concurrency, "hero-generate")
+        self.admission = Admission(config.max_queue, self._occupancy, self._describe)
         self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
 
     async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
@@ -114,6 +117,17 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             tokens_per_side=engine.info.tiling.side, accepted_dtypes=sorted(self.accepted),
             max_new_tokens_limit=self.limits.max_new_tokens,
             max_prompt_tokens=self.limits.max_prompt_tokens)
+
+    def _occupancy(self) -> EngineStats:
+        return EngineStats(0, 0, 0) if self.engine is None else self.engine.stats()
+
+    def _describe(self) -> str:
+        if self.engine is None:
+            return ""
+        stats = self.engine.stats()
+        kv = (f", {stats.kv_tokens_reserved} of {stats.kv_tokens_capacity} KV tokens reserved"
+              if stats.kv_tokens_capacity else "")
+        return f"; {stats.running} running{kv}"
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -133,10 +147,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                 self.metrics.visual_tokens.observe(request.packed.num_tokens)
                 remaining = context.time_remaining()
                 deadline = None if remaining is None else time.monotonic() + remaining
-                async with ticket:
-                    queue_ms = (time.perf_counter() - arrival) * 1e3
-                    async for response in self._stream(request, arrival, queue_ms, deadline):
-                        yield response
+                async for response in self._stream(request, arrival, deadline):
+                    yield response
             finally:
                 ticket.release()
         except (asyncio.CancelledError, GeneratorExit):
@@ -167,64 +179,35 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         engine.check(request, self.limits.max_prompt_tokens)
         return request
 
-    async def _stream(self, request: EngineRequest, arrival: float, queue_ms: float,
+    async def _stream(self, request: EngineRequest, arrival: float,
                       deadline: float | None) -> AsyncIterator[language_pb2.GenerateResponse]:
+        """Engine events as responses; the deadline is checked on every event (grpc does
+        not always cancel a handler whose deadline passed while it was streaming) and
+        the engine ends a request whose deadline passes while it waits or runs."""
         self.metrics.in_flight.inc()
         try:
-            async for event in self._events(request, deadline):
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise DeadlineError("the call's deadline passed; generation stopped")
-                if isinstance(event, Delta):
-                    yield language_pb2.GenerateResponse(delta=common_pb2.TextDelta(
-                        text=event.text, token_ids=event.token_ids))
-                else:
-                    yield language_pb2.GenerateResponse(usage=self._usage(event, arrival,
-                                                                          queue_ms))
+            # closed as soon as the call ends, however it ends, so the engine lets go at once
+            async with contextlib.aclosing(self._engine().stream(request, deadline)) as events:
+                async for event in events:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise DeadlineError("the call's deadline passed; generation stopped")
+                    if isinstance(event, Delta):
+                        yield language_pb2.GenerateResponse(delta=common_pb2.TextDelta(
+                            text=event.text, token_ids=event.token_ids))
+                    else:
+                        yield language_pb2.GenerateResponse(usage=self._usage(event, arrival))
         finally:
             self.metrics.in_flight.dec()
 
-    def _usage(self, done: Finished, arrival: float, queue_ms: float) -> common_pb2.Usage:
+    def _usage(self, done: Finished, arrival: float) -> common_pb2.Usage:
         ttft_ms = (done.first_token_at - arrival) * 1e3 if done.first_token_at else 0.0
         self.metrics.observe_generation(ttft_ms, done.prefill_ms, done.decode_tokens_per_s,
                                         done.completion_tokens)
         return common_pb2.Usage(
             prompt_tokens=done.prompt_tokens, visual_tokens=done.visual_tokens,
             completion_tokens=done.completion_tokens, prefill_ms=done.prefill_ms,
-            ttft_ms=ttft_ms, decode_tokens_per_s=done.decode_tokens_per_s, queue_ms=queue_ms,
+            ttft_ms=ttft_ms, decode_tokens_per_s=done.decode_tokens_per_s, queue_ms=done.queue_ms,
             finish_reason=FINISH[done.finish_reason])
-
-    async def _events(self, request: EngineRequest, deadline: float | None = None
-                      ) -> AsyncIterator[Delta | Finished]:
-        """Run the engine in a worker thread; stop it when the call ends for any reason,
-        its deadline included (grpc does not always cancel a handler whose deadline passed
-        while it was streaming)."""
-        engine = self._engine()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-
-        def should_stop() -> bool:
-            return stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
-
-        def work() -> None:
-            try:
-                for event in engine.generate(request, should_stop):
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
-            except BaseException as exc:  # handed to the event loop, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        future = loop.run_in_executor(self.executor, work)
-        try:
-            while (event := await queue.get()) is not _DONE:
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-        finally:
-            stop.set()
-            # The slot is free only once the worker has really stopped (<= one step).
-            await asyncio.shield(future)
 
 
 @dataclasses.dataclass
@@ -239,7 +222,8 @@ class RunningServer:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-        self.servicer.executor.shutdown(wait=False, cancel_futures=True)
+        if self.servicer.engine is not None:
+            await asyncio.to_thread(self.servicer.engine.shutdown)
 
 
 async def start_server(config: LanguageConfig,
@@ -268,11 +252,13 @@ async def start_server(config: LanguageConfig,
 
     def load() -> Engine:
         engine = load_engine()
+        engine.observer = metrics
         if config.warmup:
             engine.warmup()
         return engine
 
     servicer.engine = await asyncio.to_thread(load)
+    metrics.watch(servicer.engine.stats)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("language service SERVING on %s:%d (model %s)", config.host, port, config.model)
@@ -281,11 +267,9 @@ async def start_server(config: LanguageConfig,
 
 async def serve(config: LanguageConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
-    from hero_core.models import resolve_spec
-    from services.language.engine import engine_from_spec
+    from services.language.engine import load_engine
 
-    spec = resolve_spec(config.model, config.models_dir, config.device, config.dtype)
-    running = await start_server(config, lambda: engine_from_spec(spec))
+    running = await start_server(config, lambda: load_engine(config))
     print(f"language service ready on {config.host}:{running.port}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

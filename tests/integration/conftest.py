@@ -38,8 +38,11 @@ def system(tiny_dir):
     system = LocalSystem("tiny", MODELS_DIR, grpc_port=free_port(), num_cpus=2,
                          vision_args={"cache": {"dtype": "float32"},
                                       "batch": {"batch_wait_timeout_s": 0.05}},
-                         # answers long enough to cancel or time out while they stream
-                         language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096"})
+                         # answers long enough to cancel or time out while they stream;
+                         # a small batch and queue, so a burst can fill them
+                         language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096",
+                                       "HERO_LANGUAGE_BATCHING__MAX_BATCH_SIZE": "2",
+                                       "HERO_LANGUAGE_MAX_QUEUE": "4"})
     system.start()
     yield system
     system.stop()

@@ -51,14 +51,6 @@ class ServerThread:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="session")
-def engine(tiny_dir):
-    from hero_core.models import resolve_spec
-    from services.language.engine import TransformersEngine
-
-    return TransformersEngine(resolve_spec("tiny", tiny_dir.parent))
-
-
 def language_config(**overrides):
     from services.language.config import LanguageConfig
 
@@ -66,9 +58,17 @@ def language_config(**overrides):
     return LanguageConfig(**settings)
 
 
+def language_server(model, **overrides) -> ServerThread:
+    """A language server with the engine its config names, around the shared model."""
+    from services.language.engine import build_engine
+
+    config = language_config(**overrides)
+    return ServerThread(config, lambda: build_engine(config, model)).ready()
+
+
 @pytest.fixture(scope="module")
-def server(engine) -> Iterator[ServerThread]:
-    srv = ServerThread(language_config(max_concurrency=1, max_queue=2), lambda: engine).ready()
+def server(language_model) -> Iterator[ServerThread]:
+    srv = language_server(language_model, max_queue=2)
     yield srv
     srv.stop()
 

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from services.common.tls import channel_credentials
-from tests.service.conftest import ServerThread, language_config
+from tests.service.conftest import language_config, language_server
 
 
 def _name(common: str) -> x509.Name:
@@ -67,16 +67,14 @@ def model_info(port: int, credentials: grpc.ChannelCredentials | None):
         return stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=5)
 
 
-def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(engine, pki,
+def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(language_model, pki,
                                                                       astronaut_tokens):
     from hero.common.v1 import tensor_pb2 as common_pb2
 
     from services.sdk.language import SyncLanguageClient
 
-    srv = ServerThread(language_config(tls_cert_file=pki / "server.crt",
-                                       tls_key_file=pki / "server.key",
-                                       tls_client_ca_file=pki / "ca.crt"),
-                       lambda: engine).ready()
+    srv = language_server(language_model, tls_cert_file=pki / "server.crt",
+                          tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.crt")
     try:
         trusted = channel_credentials(pki / "ca.crt", pki / "client.crt", pki / "client.key")
         assert model_info(srv.port, trusted).feature_dim == 64
@@ -97,10 +95,9 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(engine, p
         srv.stop()
 
 
-def test_server_tls_without_client_certificates(engine, pki):
-    srv = ServerThread(language_config(tls_cert_file=pki / "server.crt",
-                                       tls_key_file=pki / "server.key"),
-                       lambda: engine).ready()
+def test_server_tls_without_client_certificates(language_model, pki):
+    srv = language_server(language_model, tls_cert_file=pki / "server.crt",
+                          tls_key_file=pki / "server.key")
     try:
         assert model_info(srv.port, channel_credentials(pki / "ca.crt")).tokens_per_side == 24
         with pytest.raises(grpc.RpcError):

@@ -1,48 +1,32 @@
-import asyncio
-
 import pytest
 
-from services.common.admission import Admission
 from services.common.errors import OverloadedError
+from services.language.admission import Admission
+from services.language.engine import EngineStats
 
 
-def test_slots_then_queue_then_refusal():
-    async def scenario():
-        admission = Admission(slots=1, queue=1)
-        first, second = admission.reserve(), admission.reserve()
-        with pytest.raises(OverloadedError, match="capacity"):
-            admission.reserve()
-        async with first:
-            waiter = asyncio.create_task(second.__aenter__())
-            await asyncio.sleep(0)
-            assert not waiter.done() and admission.waiting == 1
-        await waiter
-        assert admission.running == 1
-        await second.__aexit__(None, None, None)
-        assert admission.reserved == 0 and admission.running == 0
-    asyncio.run(scenario())
+def test_beyond_what_the_engine_runs_or_can_start_at_most_queue_wait():
+    state = {"stats": EngineStats(running=0, waiting=0, room=1)}
+    admission = Admission(queue=2, occupancy=lambda: state["stats"],
+                          describe=lambda: "; 1 running")
+    tickets = [admission.reserve() for _ in range(3)]  # room for one, two more may wait
+    with pytest.raises(OverloadedError, match=r"3 requests wait .*max_queue=2\); 1 running"):
+        admission.reserve()
+    state["stats"] = EngineStats(running=1, waiting=2, room=0)
+    assert admission.waiting == 2
+    with pytest.raises(OverloadedError):
+        admission.reserve()
+    tickets[0].release()  # one finished: a place in the queue is free again
+    state["stats"] = EngineStats(running=1, waiting=1, room=0)
+    admission.reserve()
 
 
-def test_a_cancelled_waiter_gives_its_place_back():
-    async def scenario():
-        admission = Admission(slots=1, queue=1)
-        holder = admission.reserve()
-        await holder.__aenter__()
-        ticket = admission.reserve()
-
-        async def wait():
-            try:
-                async with ticket:
-                    pass
-            finally:
-                ticket.release()
-        task = asyncio.create_task(wait())
-        await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert admission.reserved == 1
-        holder.release()
-        assert admission.reserved == 0
-        admission.reserve().release()
-    asyncio.run(scenario())
+def test_release_is_idempotent_and_gives_the_place_back():
+    admission = Admission(queue=0, occupancy=lambda: EngineStats(0, 0, room=1))
+    ticket = admission.reserve()
+    ticket.release()
+    ticket.release()
+    assert admission.reserved == 0
+    admission.reserve()
+    with pytest.raises(OverloadedError, match="max_queue=0"):
+        admission.reserve()

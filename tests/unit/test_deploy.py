@@ -17,11 +17,11 @@ import yaml
 
 from tests.conftest import ROOT
 
-
 # Third-party schemas the tests validate against, carried with their licences
 # (tests/schemas/*/SOURCE.md says where each came from).
 SCHEMAS = ROOT / "tests" / "schemas"
 DOCKERFILE = ROOT / "services" / "Dockerfile"
+SERVICE_TARGETS = {"language", "language-vllm", "vision"}
 OVERLAYS = ("dev", "gpu")
 
 
@@ -250,10 +250,12 @@ def test_ports_images_and_metrics_agree_with_the_code(rendered):
     assert metric in names
 
     images = {c["image"].split(":")[0] for c in _containers(docs)}
-    stages = set(re.findall(r"^FROM \S+ AS (\w+)$", DOCKERFILE.read_text(), re.M))
-    built = {f"hero-serve/{stage}" for stage in stages & {"language", "vision"}}
+    stages = set(re.findall(r"^FROM \S+ AS ([\w-]+)$", DOCKERFILE.read_text(), re.M))
+    built = {f"hero-serve/{stage}" for stage in stages & SERVICE_TARGETS}
     assert images - built == {"redis"}
-    assert built == {"hero-serve/language", "hero-serve/vision"}
+    assert built == {f"hero-serve/{target}" for target in SERVICE_TARGETS}
+    engine = env.get("HERO_LANGUAGE_ENGINE", LanguageConfig().engine)
+    assert (engine == "vllm") == (container["image"].split(":")[0] == "hero-serve/language-vllm")
 
 
 def _containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -285,8 +287,10 @@ def test_compose_and_dockerfiles_agree_with_the_code():
         build = service.get("build")
         if build:
             assert build["dockerfile"] == "services/Dockerfile"
-            assert build["target"] in {"language", "vision"}
+            assert build["target"] in SERVICE_TARGETS
             assert service["image"].startswith(f"hero-serve/{build['target']}:")
+            engine = service.get("environment", {}).get("HERO_LANGUAGE_ENGINE")
+            assert (engine == "vllm") == (build["target"] == "language-vllm")
 
 
 def test_secrets_are_referenced_never_committed(rendered):

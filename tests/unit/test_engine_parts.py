@@ -1,6 +1,10 @@
 import torch
 
-from services.language.engine import SamplingParams, held_back, sample
+from services.language.batching.kv import KVPool
+from services.language.batching.scheduler import Scheduler
+from services.language.batching.sequence import Sequence, Status
+from services.language.decoding import SamplingParams, TextStream, held_back, sample, sample_rows
+from services.language.model import EngineRequest, KVShape
 
 
 def test_text_that_may_start_a_stop_string_is_held_back():
@@ -17,3 +21,88 @@ def test_greedy_is_argmax_and_sampling_respects_top_p():
     assert picks == {1}
     wide = {sample(logits, SamplingParams(temperature=1.0, top_p=1.0), gen) for _ in range(200)}
     assert {1, 2} <= wide
+
+
+def test_rows_sample_with_their_own_parameters_and_generators():
+    logits = torch.tensor([[0.0, 5.0, 4.9], [3.0, 0.0, 2.9], [0.0, 0.0, 0.0]])
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, seed=4)]
+
+    def draw():
+        generators = [torch.Generator().manual_seed(p.seed) for p in params]
+        return [sample_rows(logits, params, generators) for _ in range(20)]
+    first = draw()
+    assert all(row[:2] == [1, 0] for row in first)  # greedy rows: argmax
+    assert first == draw()  # the sampled row reproduces from its seed
+    assert len({row[2] for row in first}) > 1
+
+
+class Chars:
+    """A tokenizer whose token i is the character chr(i); 0 is end of sequence."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))
+
+
+def feed(text, params):
+    stream = TextStream(Chars(), params, frozenset({0}))
+    deltas = []
+    for c in text:  # as the engines do: no more tokens once the stream is done
+        if not stream.done:
+            deltas.append(stream.add(ord(c) if c != "$" else 0))
+    deltas.append(stream.finish())
+    return "".join(d.text for d in deltas if d), stream.reason
+
+
+def test_text_stream_ends_at_eos_stop_strings_and_length():
+    assert feed("hi$", SamplingParams(10)) == ("hi", "eos")
+    assert feed("hi$there", SamplingParams(10, ignore_eos=True)) == ("hithere", "length")
+    assert feed("say END now", SamplingParams(20, stop=("END",))) == ("say ", "stop")
+    assert feed("abcdef", SamplingParams(3)) == ("abc", "length")
+    # text that may begin a stop string waits, and goes out once it cannot
+    stream = TextStream(Chars(), SamplingParams(10, stop=("ab",)), frozenset())
+    assert stream.add(ord("x")).text == "x"
+    assert stream.add(ord("a")) is None
+    assert stream.add(ord("c")).text == "ac"
+
+
+def sequence(prompt, max_new=4):
+    request = EngineRequest("r", None, (("user", "q"),), SamplingParams(max_new))
+    return Sequence(request, prompt, None, lambda events: None)
+
+
+def scheduler(kv_tokens=100, batch=3, chunk=8):
+    pool = KVPool(KVShape(1, 1, 2, torch.float32), kv_tokens, torch.device("cpu"))
+    return Scheduler(pool, batch, chunk)
+
+
+def test_admission_is_first_come_first_served_by_kv_tokens_and_batch_places():
+    sched = scheduler(kv_tokens=100, batch=2)
+    a, b, c, d = sequence(40), sequence(60), sequence(6), sequence(1)
+    for s in (a, b, c, d):
+        sched.add(s)
+    assert [s.reserved for s in (a, b, c, d)] == [44, 64, 10, 5]
+    assert sched.admit() == [a]  # b needs 64 of the 56 left; c fits but waits behind b
+    assert sched.pool.reserved == 44 and c.status is Status.WAITING
+    sched.remove(a)
+    assert a.slots is None and sched.pool.reserved == 0
+    assert sched.admit() == [b, c]  # d fits in KV, but both batch places are taken
+    assert sched.pool.reserved == 74 and list(sched.waiting) == [d]
+    sched.remove(c)
+    assert sched.admit() == [d]
+    for s in list(sched.running):
+        sched.remove(s)
+    assert sched.pool.reserved == 0 and sched.idle
+
+
+def test_prefill_goes_whole_when_nobody_decodes_and_in_budgeted_chunks_otherwise():
+    sched = scheduler(kv_tokens=200, batch=4, chunk=8)
+    first, second, third = sequence(20), sequence(6), sequence(30)
+    for s in (first, second, third):
+        sched.add(s)
+    sched.admit()
+    (whole,) = sched.prefill_chunks()
+    assert (whole.sequence, whole.start, whole.end) == (first, 0, 20)
+    first.cached, first.status = 20, Status.DECODE
+    chunks = sched.prefill_chunks()
+    assert [(c.sequence, c.start, c.end) for c in chunks] == [(second, 0, 6), (third, 0, 2)]
+    assert sched.decoding() == [first]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from hero_core.methods import hero
-
 from tests.conftest import ROOT
 
 SKIP_DIRS = {".git", ".venv", "build", "models", "out", "__pycache__", ".pytest_cache",

@@ -1,0 +1,238 @@
+"""The continuous-batching engine: one thread owns the model and loops schedule, run,
+postprocess; callers only add sequences, abort them and read their events.
+
+Each iteration admits waiting sequences that fit, runs this step's prompt chunks,
+then one batched decode forward for every sequence past its prompt, samples each row
+with that request's own parameters and generator, and streams the text. Sequences
+join and leave between steps; cancelling one (or its deadline passing) takes it out
+before the next step and frees its KV slots without touching the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from hero_core.errors import InvalidInputError
+from services.language.batching.kv import KVPool
+from services.language.batching.runner import ModelRunner
+from services.language.batching.scheduler import PrefillChunk, Scheduler
+from services.language.batching.sequence import Sequence, Status
+from services.language.config import BatchingConfig
+from services.language.decoding import Delta, FinishReason, TextStream, sample_rows
+from services.language.engine import EngineObserver, EngineStats, Finished
+from services.language.model import EngineRequest, LanguageModel
+
+log = logging.getLogger("hero.language.batching")
+
+
+class BatchingEngine:
+    """LLaVA-NeXT's language half with iteration-level batching and KV-token admission."""
+
+    def __init__(self, model: LanguageModel, settings: BatchingConfig):
+        self.model, self.settings = model, settings
+        self.info = model.info
+        self.observer: EngineObserver | None = None
+        shape = model.kv_shape()
+        tokens = settings.kv_cache_tokens
+        if settings.kv_cache_bytes is not None:
+            tokens = settings.kv_cache_bytes // shape.bytes_per_token
+        self.pool = KVPool(shape, tokens, model.device)
+        self.scheduler = Scheduler(self.pool, settings.max_batch_size,
+                                   settings.max_prefill_tokens_per_step)
+        self.runner = ModelRunner(model, self.pool)
+        self._inbox: collections.deque[Sequence] = collections.deque()
+        self._outbox: list[tuple[Sequence, list[Any]]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    # -- the caller's side (any thread, usually the server's event loop) --------------
+
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
+        needed = self.model.check(request, max_prompt_tokens)
+        if needed > self.pool.capacity:
+            raise InvalidInputError(
+                f"the request needs {needed} KV tokens (prompt + visual tokens + "
+                f"max_new_tokens), above this server's kv_cache_tokens={self.pool.capacity}; "
+                "lower max_new_tokens or the retention")
+
+    def stats(self) -> EngineStats:
+        running = len(self.scheduler.running)
+        waiting = len(self.scheduler.waiting) + len(self._inbox)
+        room = 0 if self.scheduler.kv_full else max(0, self.settings.max_batch_size - running)
+        return EngineStats(running, waiting, room, self.pool.reserved, self.pool.capacity)
+
+    async def stream(self, request: EngineRequest,
+                     deadline: float | None = None) -> AsyncIterator[Delta | Finished]:
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue[list[Any]] = asyncio.Queue()
+
+        def emit(events: list[Any]) -> None:
+            loop.call_soon_threadsafe(outbox.put_nowait, events)
+
+        text = TextStream(self.model.tokenizer, request.params, self.model.eos_ids)
+        seq = Sequence(request, self.model.prompt_tokens(request), text, emit, deadline)
+        self._submit(seq)
+        finished = False
+        try:
+            while not finished:
+                for event in await outbox.get():
+                    if isinstance(event, BaseException):
+                        finished = True
+                        raise event
+                    finished = isinstance(event, Finished)
+                    yield event
+        finally:
+            if not finished:
+                seq.aborted = True
+                self._wake.set()
+
+    def warmup(self) -> None:
+        """A two-token generation through the scheduler thread."""
+        async def run() -> None:
+            async for _ in self.stream(self.model.warmup_request()):
+                pass
+        asyncio.run(run())
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _submit(self, seq: Sequence) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="hero-batching",
+                                                daemon=True)
+                self._thread.start()
+        self._inbox.append(seq)
+        self._wake.set()
+
+    # -- the scheduler thread ---------------------------------------------------------
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while not self._stopping:
+            while self._inbox:
+                sched.add(self._inbox.popleft())
+            self._retire_aborted()
+            self._flush()
+            if sched.idle:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            for seq in sched.admit():
+                self._guarded([seq], self._admitted, seq)
+            for chunk in sched.prefill_chunks():
+                self._guarded([chunk.sequence], self._prefill, chunk)
+                self._flush()
+            batch = sched.decoding()
+            if batch:
+                self._guarded(batch, self._decode, batch)
+        for seq in [*sched.waiting, *sched.running, *self._inbox]:
+            self._end(seq, "cancelled")
+        self._flush()
+
+    def _guarded(self, seqs: list[Sequence], work: Any, arg: Any) -> None:
+        """Run one model step; if it fails, only the sequences in it fail."""
+        try:
+            work(arg)
+        except Exception as exc:  # handed to the callers, mapped to a status there
+            log.exception("model step failed for %d sequence(s)", len(seqs))
+            for seq in seqs:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.remove(seq)
+                    self._send(seq, [exc])
+
+    def _retire_aborted(self) -> None:
+        now = time.monotonic()
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if seq.aborted or seq.expired(now):
+                self._end(seq, "cancelled")
+
+    def _admitted(self, seq: Sequence) -> None:
+        seq.admitted_at = time.perf_counter()
+        if self.observer is not None:
+            self.observer.observe_queue_wait(seq.admitted_at - seq.submitted_at)
+        seq.embeds = self.model.prompt_embeds(seq.request)
+        seq.generator = torch.Generator().manual_seed(seq.request.params.seed)
+
+    def _prefill(self, chunk: PrefillChunk) -> None:
+        seq = chunk.sequence
+        assert seq.embeds is not None and seq.slots is not None
+        last = chunk.end == seq.prompt_length
+        logits = self.runner.prefill(seq.embeds[chunk.start:chunk.end], seq.slots, chunk.start,
+                                     last)
+        seq.cached = chunk.end
+        if logits is not None:
+            seq.embeds, seq.status = None, Status.DECODE
+            seq.first_token_at = time.perf_counter()
+            self._accept(seq, self._sample([seq], logits[None])[0])
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        start = time.perf_counter()
+        logits = self.runner.decode([s.last_token for s in batch], [s.cached for s in batch],
+                                    [s.slots for s in batch])  # type: ignore[misc]
+        tokens = self._sample(batch, logits)
+        for seq, token in zip(batch, tokens, strict=True):
+            seq.cached += 1
+            self._accept(seq, token)
+        if self.observer is not None:
+            self.observer.observe_step(len(batch), time.perf_counter() - start)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row of `(B, V)` logits, each with its request's parameters."""
+        return sample_rows(logits, [s.request.params for s in seqs],
+                           [s.generator for s in seqs])  # type: ignore[misc]
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        """A sampled token: stream its text; end the sequence if it is done."""
+        delta = seq.text.add(token)
+        seq.last_token = token
+        if seq.text.done:
+            self._end(seq, None, [delta] if delta is not None else [])
+        elif delta is not None:
+            self._send(seq, [delta])
+
+    def _end(self, seq: Sequence, reason: FinishReason | None,
+             events: list[Any] | None = None) -> None:
+        self.scheduler.remove(seq)
+        events = list(events or [])
+        if (delta := seq.text.finish(reason)) is not None:
+            events.append(delta)
+        events.append(self._finished(seq))
+        self._send(seq, events)
+
+    def _finished(self, seq: Sequence) -> Finished:
+        now, n = time.perf_counter(), len(seq.text.ids)
+        decode_s = now - seq.first_token_at if seq.first_token_at else 0.0
+        admitted = seq.admitted_at or now
+        return Finished(
+            seq.prompt_length, seq.request.packed.num_embeddings, n,
+            (seq.first_token_at - admitted) * 1e3 if seq.first_token_at else 0.0,
+            seq.first_token_at, (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            seq.text.reason or "cancelled", (admitted - seq.submitted_at) * 1e3)
+
+    def _send(self, seq: Sequence, events: list[Any]) -> None:
+        """Queue events for the caller; `_flush` hands them over once the step's
+        bookkeeping (KV, metrics) is done, so a caller never sees an answer end before
+        the engine's state and metrics say so."""
+        self._outbox.append((seq, events))
+
+    def _flush(self) -> None:
+        for seq, events in self._outbox:
+            try:
+                seq.emit(events)
+            except RuntimeError:  # the caller's event loop is gone: nobody is listening
+                seq.aborted = True
+        self._outbox.clear()

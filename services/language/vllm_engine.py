@@ -1,0 +1,156 @@
+"""vLLM as the generation engine on GPUs, fed with our prompt embeddings.
+
+The language service builds the LLM's input embeddings itself, exactly as the other
+engines do (projector, `image_newline`, text embeddings: `LanguageModel.prompt_embeds`),
+and hands them to vLLM's async engine as an `EmbedsPrompt` (`{"prompt_embeds": (T, H)}`,
+engine argument `enable_prompt_embeds=True`). vLLM loads the same LLaVA-NeXT
+checkpoint with images switched off (`limit_mm_per_prompt={"image": 0}`), so it runs
+the text model only and never sees pixels; it batches, schedules and pages the KV
+cache, and streams deltas back (`RequestOutputKind.DELTA`).
+
+vLLM pins its own torch and transformers: it is the optional install `.[vllm]` and the
+image target `language-vllm`. Nothing here imports vllm until `VllmEngine.load`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from hero_core.errors import InvalidInputError
+from hero_core.models import ModelSpec
+from services.language.config import VllmConfig
+from services.language.decoding import Delta, FinishReason, SamplingParams
+from services.language.engine import EngineObserver, EngineStats, Finished
+from services.language.model import EngineRequest, LanguageModel
+
+
+def engine_args(spec: ModelSpec, settings: VllmConfig) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `AsyncEngineArgs` for a checkpoint."""
+    args: dict[str, Any] = {
+        "model": settings.llm or spec.model,
+        "dtype": spec.dtype,
+        "enable_prompt_embeds": True,
+        "limit_mm_per_prompt": {"image": 0},
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "max_num_seqs": settings.max_num_seqs,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "enforce_eager": settings.enforce_eager,
+    }
+    if settings.max_model_len is not None:
+        args["max_model_len"] = settings.max_model_len
+    if spec.revision is not None:
+        args["revision"] = spec.revision
+    return args
+
+
+def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `SamplingParams` for ours (temperature 0 is greedy in
+    both; stop strings are left out of the text in both)."""
+    return {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "seed": params.seed, "stop": list(params.stop),
+            "ignore_eos": params.ignore_eos, "skip_special_tokens": True}
+
+
+def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason:
+    """vLLM's finish reason in our terms: its "stop" is a stop string when `stop_reason`
+    is that string, else the end-of-sequence token."""
+    if reason == "length":
+        return "length"
+    if reason == "stop":
+        return "stop" if isinstance(stop_reason, str) else "eos"
+    return "cancelled"
+
+
+class VllmEngine:
+    """Our prompt embeddings through vLLM's `AsyncLLM` (or anything with its
+    `generate(prompt, sampling_params, request_id)` and `abort(request_id)`)."""
+
+    def __init__(self, model: LanguageModel, llm: Any,
+                 make_params: Callable[..., Any], max_num_seqs: int,
+                 max_model_len: int | None = None):
+        self.model, self.llm, self.make_params = model, llm, make_params
+        self.info = model.info
+        self.observer: EngineObserver | None = None
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or model.info.max_positions
+        self._in_flight = 0
+
+    @classmethod
+    def load(cls, spec: ModelSpec, settings: VllmConfig) -> VllmEngine:
+        """Embedding parts on `spec.device` and vLLM's engine on the GPU(s)."""
+        from vllm import AsyncEngineArgs
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        model = LanguageModel(spec, parts="embeddings")
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec, settings)))
+
+        def make_params(**kwargs: Any) -> Any:
+            return VllmSamplingParams(output_kind=RequestOutputKind.DELTA, **kwargs)
+
+        return cls(model, llm, make_params, settings.max_num_seqs, settings.max_model_len)
+
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
+        needed = self.model.check(request, max_prompt_tokens)
+        if needed > self.max_model_len:
+            raise InvalidInputError(f"prompt + visual tokens + max_new_tokens = {needed} "
+                                    f"exceeds max_model_len={self.max_model_len}; lower "
+                                    "max_new_tokens or the retention")
+
+    def stats(self) -> EngineStats:
+        # vLLM queues and schedules internally; what it holds counts as running.
+        return EngineStats(self._in_flight, 0, max(0, self.max_num_seqs - self._in_flight))
+
+    def prompt(self, request: EngineRequest) -> dict[str, Any]:
+        """The `EmbedsPrompt` for a request: `(T, H)` in the model's dtype, on the CPU
+        (vLLM moves it to its worker process and GPU itself)."""
+        return {"prompt_embeds": self.model.prompt_embeds(request).cpu()}
+
+    async def stream(self, request: EngineRequest,
+                     deadline: float | None = None) -> AsyncIterator[Delta | Finished]:
+        prompt = self.prompt(request)
+        length = int(prompt["prompt_embeds"].shape[0])
+        params = self.make_params(**sampling_kwargs(request.params))
+        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        outputs = self.llm.generate(prompt, params, request_id)
+        submitted, first_at, tokens = time.perf_counter(), 0.0, 0
+        reason: FinishReason = "cancelled"
+        finished = False
+        self._in_flight += 1
+        try:
+            while not finished:
+                timeout = None if deadline is None else deadline - time.monotonic()
+                try:
+                    out = await asyncio.wait_for(anext(outputs), timeout)
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                completion = out.outputs[0]
+                if completion.token_ids:
+                    first_at = first_at or time.perf_counter()
+                    tokens += len(completion.token_ids)
+                    yield Delta(completion.text, list(completion.token_ids))
+                finished = bool(out.finished)
+                reason = finish_reason(completion.finish_reason, completion.stop_reason)
+        finally:
+            self._in_flight -= 1
+            if not finished:  # cancelled, past its deadline, or the stream broke
+                await outputs.aclose()
+                await self.llm.abort(request_id)
+        decode_s = time.perf_counter() - first_at if first_at else 0.0
+        yield Finished(length, request.packed.num_embeddings, tokens,
+                       (first_at - submitted) * 1e3 if first_at else 0.0, first_at,
+                       (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else 0.0,
+                       reason if finished else "cancelled")
+
+    def warmup(self) -> None:
+        """Nothing to do: vLLM profiles memory and captures CUDA graphs while it loads."""
+
+    def shutdown(self) -> None:
+        shutdown = getattr(self.llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
