@@ -239,3 +239,48 @@ def test_at_lower_retention_more_sequences_share_the_same_kv_cache(language_mode
             assert max(a.finished.queue_ms for a in answers) > 0
     assert peaks[1.0] == fits[1.0] == 1
     assert peaks[0.111] == fits[0.111] == 7
+
+
+class FailingPrefill(BatchingEngine):
+    """The real engine whose model step fails for the request named "bad"."""
+
+    def _prefill(self, chunk):
+        if chunk.sequence.request.request_id == "bad":
+            raise RuntimeError("model step failed")
+        super()._prefill(chunk)
+
+
+def test_a_failing_model_step_fails_its_request_alone(language_model, mixed):
+    good = mixed[0]
+    bad = dataclasses.replace(mixed[3], request_id="bad")
+    engine = FailingPrefill(language_model, BatchingConfig())
+
+    async def scenario():
+        return await asyncio.gather(collect(engine, good), collect(engine, bad),
+                                    return_exceptions=True)
+    try:
+        answer, failure = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert isinstance(failure, RuntimeError) and "model step failed" in str(failure)
+    assert answer.finished.completion_tokens == good.params.max_new_tokens
+    assert stats.running == 0 and stats.kv_tokens_reserved == 0
+    _, (alone,) = run_alone(language_model, [good])
+    assert answer.tokens == alone.tokens
+
+
+def test_shutdown_ends_running_sequences_as_cancelled(language_model, mixed):
+    endless = dataclasses.replace(mixed[0], params=dataclasses.replace(mixed[0].params,
+                                                                       max_new_tokens=4000))
+    engine = BatchingEngine(language_model, BatchingConfig())
+
+    async def scenario():
+        started = asyncio.Event()
+        task = asyncio.create_task(collect(engine, endless, progress=started))
+        await started.wait()
+        await asyncio.to_thread(engine.shutdown)
+        return await task
+    answer = asyncio.run(scenario())
+    assert answer.finished.finish_reason == "cancelled"
+    assert 4 <= answer.finished.completion_tokens < 4000

@@ -121,27 +121,47 @@ class BatchingEngine:
     # -- the scheduler thread ---------------------------------------------------------
 
     def _loop(self) -> None:
-        sched = self.scheduler
         while not self._stopping:
-            while self._inbox:
-                sched.add(self._inbox.popleft())
-            self._retire_aborted()
-            self._flush()
-            if sched.idle:
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            for seq in sched.admit():
-                self._guarded([seq], self._admitted, seq)
-            for chunk in sched.prefill_chunks():
-                self._guarded([chunk.sequence], self._prefill, chunk)
+            try:
+                self._iterate()
+            except Exception as exc:  # a bug in the loop itself: fail what it holds, go on
+                log.exception("scheduler step failed; ending every sequence it held")
+                for seq in self._held():
+                    self.scheduler.remove(seq)
+                    self._send(seq, [exc])
                 self._flush()
-            batch = sched.decoding()
-            if batch:
-                self._guarded(batch, self._decode, batch)
-        for seq in [*sched.waiting, *sched.running, *self._inbox]:
+        for seq in self._held():
             self._end(seq, "cancelled")
         self._flush()
+
+    def _take_inbox(self) -> None:
+        """Move new sequences into the scheduler's waiting queue."""
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+
+    def _held(self) -> list[Sequence]:
+        """Every sequence the engine holds, new ones included."""
+        self._take_inbox()
+        return [*self.scheduler.waiting, *self.scheduler.running]
+
+    def _iterate(self) -> None:
+        """Admit, prefill, decode: one step of the batch."""
+        sched = self.scheduler
+        self._take_inbox()
+        self._retire_aborted()
+        self._flush()
+        if sched.idle:
+            self._wake.wait()
+            self._wake.clear()
+            return
+        for seq in sched.admit():
+            self._guarded([seq], self._admitted, seq)
+        for chunk in sched.prefill_chunks():
+            self._guarded([chunk.sequence], self._prefill, chunk)
+            self._flush()
+        batch = sched.decoding()
+        if batch:
+            self._guarded(batch, self._decode, batch)
 
     def _guarded(self, seqs: list[Sequence], work: Any, arg: Any) -> None:
         """Run one model step; if it fails, only the sequences in it fail."""
