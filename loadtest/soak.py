@@ -24,6 +24,7 @@ import dataclasses
 import io
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -92,7 +93,7 @@ class Result:
     latency_s: float = 0.0
     verdict: str = "lost"
     details: str = ""
-    """The status message, kept for outcomes that are neither expected nor degraded."""
+    """The status message, kept for outcomes other than the expected one."""
 
 
 def verdict(kind: Kind, code: str) -> str:
@@ -319,7 +320,7 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
             code, details = "LOST", f"no status after {deadline:.0f} s"
         result.code, result.latency_s = code, now() - result.sent_s
         result.verdict = verdict(kind, code)
-        if result.verdict in ("other", "lost"):
+        if result.verdict != "expected":
             result.details = details[:160]
 
     async def schedule_faults() -> None:
@@ -357,8 +358,16 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
 
 # ---- the report -----------------------------------------------------------------------
 
-def in_window(result: Result, fault: Fault, recovery_s: float = 15.0) -> bool:
-    return fault.start_s <= result.sent_s <= fault.end_s + recovery_s
+MIN_RECOVERY_S = 15.0
+
+
+def in_window(result: Result, fault: Fault) -> bool:
+    """Whether the request was in flight while the fault lasted or the system recovered
+    from it: until the first answer after the fault's end, and at least 15 s."""
+    recovered = (float("inf") if fault.recovered_s is None
+                 else max(MIN_RECOVERY_S, fault.recovered_s))
+    ended = result.sent_s + result.latency_s
+    return result.sent_s <= fault.end_s + recovered and ended >= fault.start_s
 
 
 def codes(results: list[Result]) -> str:
@@ -390,7 +399,7 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         "",
         f"**{len(results)} requests: {verdicts['expected']} got the outcome they deserve, "
         f"{verdicts['degraded']} a clear retryable error (UNAVAILABLE / RESOURCE_EXHAUSTED; "
-        f"{during_faults} of them sent while a fault lasted or up to 15 s after), "
+        f"{during_faults} of them in flight during a fault or the recovery from it), "
         f"{verdicts['other']} another status, {verdicts['lost']} lost** (no final status "
         f"within their deadline + {GRACE_S:.0f} s).",
         "",
@@ -398,6 +407,7 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         f"({calm_ok / max(1, len(calm)):.1%}) ended OK** (the rest: "
         f"{codes([r for r in calm if r.code != 'OK'])}).",
         "",
+        *refusal_lines([r for r in calm if r.code != "OK"]),
         f"Outside fault windows, RESOURCE_EXHAUSTED is admission at work: {language_limits()}; "
         "the long `cancel` and `deadline` answers reserve KV for 4,096 tokens each. The "
         "encoder deployment runs 16 encodes and queues 16. Past a queue the request is "
@@ -424,9 +434,9 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         lines += ["", f"RESOURCE_EXHAUSTED answers: {len(refused)}, p50 "
                   f"{percentile(refused, 50):.3f} s, p99 {percentile(refused, 99):.3f} s."]
     lines += ["", "## Faults injected", "",
-              "Requests counted against a fault were sent between its start and 15 s after "
-              "its end. Recovery: from the fault's end to the first answer of a request sent "
-              "after it.", "",
+              "Requests counted against a fault were in flight at some point between its start "
+              "and the system's recovery from it (at least 15 s after its end). Recovery: from "
+              "the fault's end to the first answer of a request sent after it.", "",
               "| fault | at s | lasted s | requests | outcomes | recovered after s |",
               "|---|---:|---:|---:|---|---:|"]
     for f in run["faults"]:
@@ -461,9 +471,26 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
               "tests/integration/test_system_overload.py |",
               "| past the language queue: RESOURCE_EXHAUSTED at once | "
               "tests/integration/test_system_overload.py, tests/service/test_language.py |",
+              "| one sequence cancelled, past its deadline or failing leaves the batch's "
+              "others unchanged; a request larger than the KV cache is refused naming it | "
+              "tests/unit/test_batched_engine.py |",
               "| corrupt or mismatched cache entries are misses, overwritten | "
               "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py |", ""]
     return "\n".join(lines)
+
+
+def refusal_lines(failed: list[Result]) -> list[str]:
+    """What stopped the valid requests that failed outside fault windows, by message."""
+    if not failed:
+        return []
+    groups = collections.defaultdict(list)
+    for r in failed:
+        groups[(r.code, re.sub(r"\d+(\.\d+)?", "N", r.details))].append(r)
+    lines = ["Those requests, by status and message (numbers as N):", ""]
+    for (code, message), rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        at = ", ".join(f"{r.sent_s:.0f}" for r in rs[:12]) + (" ..." if len(rs) > 12 else "")
+        lines.append(f"* {len(rs)} x {code}: {message or '-'} (sent at s: {at})")
+    return [*lines, ""]
 
 
 def language_limits() -> str:
