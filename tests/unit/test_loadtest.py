@@ -98,19 +98,26 @@ def test_soak_report_counts_every_request_once_and_attributes_faults():
     from loadtest.soak import Fault, Result, report
 
     results = [Result("hit", 1.0, "OK", 0.1, "expected"),
-               Result("hit", 12.0, "UNAVAILABLE", 0.2, "degraded"),
+               Result("hit", 9.0, "UNAVAILABLE", 3.0, "degraded", "down"),  # in flight at 10 s
+               Result("hit", 12.0, "UNAVAILABLE", 0.2, "degraded", "down"),
                Result("bad-token", 13.0, "UNAUTHENTICATED", 0.01, "expected"),
-               Result("miss", 31.0, "LOST", 40.0, "lost")]
+               Result("miss", 31.0, "LOST", 40.0, "lost", "no status after 40 s"),
+               Result("hit", 40.0, "RESOURCE_EXHAUSTED", 0.1, "degraded",
+                      "server is full: 3 requests wait (max_queue=3)")]
+    # 10 s to 15 s, recovered 2 s after: its window lasts the minimum 15 s, to 30 s
     fault = Fault("redis_kill", "Redis killed", 10.0, 15.0, 2.0)
     text = report({"results": results, "faults": [fault], "duration_s": 60.0, "rate": 1.0,
                    "seed": 0, "memory": [], "steady_from_s": 50.0}, "cmd", "machine")
-    assert "**4 requests: 2 got the outcome they deserve, 1 a clear retryable error" in text
-    assert "1 of them sent while a fault lasted" in text
+    assert "**6 requests: 2 got the outcome they deserve, 3 a clear retryable error" in text
+    assert "2 of them in flight during a fault or the recovery from it" in text
     assert "1 lost**" in text
-    assert "| hit | " in text and "OK 1, UNAVAILABLE 1" in text
-    # the fault row counts the valid requests sent in its window (hit at 12 s only)
+    assert "| hit | " in text and "UNAVAILABLE 2, OK 1, RESOURCE_EXHAUSTED 1" in text
+    # outside the window: the hit at 1 s, the miss at 31 s and the hit at 40 s
+    assert "Outside fault windows, 1 of 3 valid hit and miss requests (33.3%)" in text
+    assert "* 1 x RESOURCE_EXHAUSTED: server is full: N requests wait (max_queue=N)" in text
+    # the fault row counts the valid requests in flight in its window (hits at 9 and 12 s)
     row = next(line for line in text.splitlines() if line.startswith("| Redis killed"))
-    assert "| 1 | UNAVAILABLE 1 | 2.0 |" in row
+    assert "| 2 | UNAVAILABLE 2 | 2.0 |" in row
 
 
 def test_soak_memory_rows_follow_the_process_alive_at_the_end():
