@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
+import typing
 from typing import Any
 
 from hero_core.errors import ConfigError
@@ -36,6 +39,40 @@ def require(condition: bool, message: str) -> None:
     """Raise `ConfigError(message)` unless `condition` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+def check_field_values(config_cls: type, values: dict[str, Any]) -> None:
+    """Raise `ConfigError` unless each value has the type its field of `config_cls`
+    declares (int, finite float, bool, str, or None where allowed); values from a command
+    line or a config file are checked before the config validates their ranges."""
+    hints = typing.get_type_hints(config_cls)
+    for name, value in values.items():
+        allowed = _allowed(hints[name])
+        if allowed and not any(_is(value, kind) for kind in allowed):
+            what = " or ".join(_KIND_NAMES.get(kind, kind.__name__) for kind in allowed)
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false",
+               str: "a string", type(None): "null"}
+
+
+def _allowed(hint: Any) -> tuple[type, ...]:
+    """The plain classes a field's annotation admits; () when it is not that simple."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kinds = tuple(_allowed(h) for h in typing.get_args(hint))
+        return () if any(not k for k in kinds) else tuple(c for k in kinds for c in k)
+    return (hint,) if hint in _KIND_NAMES else ()
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from hero_core.config import DEFAULT_LIMITS, Limits
-from hero_core.encoder import TextEncoder, VisionEncoder
+from hero_core.encoder import EncodedCrops, TextEncoder, VisionEncoder
 from hero_core.errors import ConfigError, InvalidRatioError, PromptTooLongError
 from hero_core.methods import PruningMethod
 from hero_core.packing import PackedTokens, Selection, pack_tokens
@@ -103,8 +104,30 @@ class Pruner:
             question_embed = self.embed_question(question, method)
         with _timed(timings, "select"):
             selection = method.select(crops, grid, ratio, question_embed)
+        if kept(selection) == 0:
+            low = smallest_ratio(method, crops, grid, question_embed, ratio)
+            raise InvalidRatioError(f"retention {ratio:g} keeps no token of this image "
+                                    f"({grid.rows}x{grid.cols} grid, method {method.name}); "
+                                    f"the smallest retention that keeps one is {low:g}")
         with _timed(timings, "pack"):
             packed = pack_tokens(selection, crops.features, grid)
         note = self.relevance_note(method)
         return PruneResult(packed, selection, grid, method.name, ratio, timings,
                            notes=(note,) if note else ())
+
+
+def kept(selection: Selection) -> int:
+    """Tokens a selection keeps over all crops."""
+    return sum(int(indices.numel()) for indices in selection.indices)
+
+
+def smallest_ratio(method: PruningMethod, crops: EncodedCrops, grid: TileGrid,
+                   question: torch.Tensor | None, keeps_none: float) -> float:
+    """The smallest retention, rounded up to 3 significant digits, at which `method`
+    keeps at least one token of this image (selection only: the crops are encoded)."""
+    low, high = keeps_none, 1.0
+    for _ in range(40):  # more retention never keeps fewer tokens
+        mid = (low + high) / 2
+        low, high = (low, mid) if kept(method.select(crops, grid, mid, question)) else (mid, high)
+    scale = math.pow(10, 2 - math.floor(math.log10(high)))
+    return min(1.0, math.ceil(high * scale) / scale)

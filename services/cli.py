@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hero_core.config import Limits
-from hero_core.errors import ConfigError, HeroError
+from hero_core.errors import ConfigError, HeroError, InvalidInputError
 from hero_core.methods import METHODS
 
 if TYPE_CHECKING:
@@ -91,11 +91,30 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def check_picture_path(path: Path, flag: str) -> None:
+    """Refuse, before any work, a picture path that cannot be written."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {path} is a folder; give a file name")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InvalidInputError(f"{flag} {path}: cannot write a picture with suffix "
+                                f"{path.suffix or '(none)'!r}; use .png or .jpg")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InvalidInputError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidInputError(f"{flag} {path} is not writable; choose another path")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from hero_core.image import read_image
     from hero_core.methods import create_method
     from hero_core.pipeline import Pruner, check_ratio
 
+    if args.viz:
+        check_picture_path(args.viz, "--viz")
     limits = Limits(max_image_pixels=args.max_image_pixels)
     check_ratio(args.ratio)
     method = create_method(args.method, **tower_settings(args), **parse_options(args.option))

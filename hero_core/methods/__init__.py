@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from hero_core.config import check_field_values
 from hero_core.errors import ConfigError, UnknownMethodError
 from hero_core.methods.base import PruningMethod, RankedMethod, Ranking, select_prefixes
 from hero_core.methods.baselines import FasterVLM, Full, Random
@@ -34,6 +35,7 @@ def create_method(name: str, **overrides: Any) -> PruningMethod:
     if unknown:
         raise ConfigError(f"{name} has no setting {', '.join(unknown)}; its settings are "
                           f"{', '.join(sorted(known)) or 'none'}")
+    check_field_values(cls.Config, overrides)
     return cls(dataclasses.replace(cls.Config(), **overrides))
 
 

@@ -83,3 +83,46 @@ def test_prune_on_the_dinov2_tower_uses_its_measured_settings(photo_path):
     tiles = report["kept_per_crop"][1:]
     assert len(tiles) >= 2 and max(tiles) - min(tiles) <= 1  # equal tile budgets
     assert any("relevance off" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("object_layer=abc", "object_layer must be an integer, got 'abc'"),
+    ("object_layer=1.5", "object_layer must be an integer, got 1.5"),
+    ("saliency_weight=nan", "saliency_weight must be a finite number, got 'nan'"),
+    ("saliency_weight=NaN", "saliency_weight must be a finite number, got nan"),
+    ("use_relevance=1", "use_relevance must be true or false, got 1"),
+])
+def test_a_method_setting_of_the_wrong_type_exits_2_naming_it(photo_path, option, message,
+                                                              capsys):
+    from services.cli import main
+
+    assert main(["prune", str(photo_path), "-o", option]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("viz", "message"), [
+    ("no-such-folder/kept.png", "does not exist"),
+    ("kept.xyz", "cannot write a picture with suffix '.xyz'"),
+    (".", "is a folder"),
+])
+def test_an_unusable_viz_path_is_refused_before_any_work(tmp_path, viz, message, capsys):
+    from services.cli import main
+
+    # the image does not exist either: the output path is checked first
+    code = main(["prune", str(tmp_path / "missing.png"), "--viz", str(tmp_path / viz)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_ratio_that_keeps_no_token_names_the_smallest_that_keeps_one(photo_path, tiny_dir):
+    import re
+
+    out = run_hero("prune", str(photo_path), "--ratio", "0.00001", "--json",
+                   "--models-dir", str(tiny_dir.parent))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    smallest = re.search(r"the smallest retention that keeps one is (\S+)$", out.stderr.strip())
+    assert smallest, out.stderr
+    ok = run_hero("prune", str(photo_path), "--ratio", smallest.group(1), "--json",
+                  "--models-dir", str(tiny_dir.parent))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["kept"] >= 1
