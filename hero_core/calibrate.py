@@ -31,6 +31,7 @@ from torch import nn
 
 from hero_core.config import require
 from hero_core.encoder import VisionEncoder
+from hero_core.image import to_rgb
 from hero_core.tiling import TilingSpec, normalize_crops
 
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "camera",
@@ -104,7 +105,7 @@ def prepare_images(images: Sequence[Image.Image], tiling: TilingSpec) -> torch.T
     `(N, 3, crop, crop)` float32."""
     side = tiling.crop_size
     resample = Image.Resampling(tiling.resample)
-    crops = [np.asarray(im.convert("RGB").resize((side, side), resample=resample))
+    crops = [np.asarray(to_rgb(im).resize((side, side), resample=resample))
              for im in images]
     return normalize_crops(np.stack(crops), tiling)
 

@@ -11,6 +11,11 @@ from PIL import Image, UnidentifiedImageError
 from hero_core.config import DEFAULT_LIMITS, Limits
 from hero_core.errors import ImageDecodeError, ImageSizeError
 
+PIXELS_VERSION = 2
+"""How bytes become pixels; part of the encoder fingerprint, so cached tokens made by an
+older decoding (version 1 dropped transparency instead of compositing it onto white)
+are never served."""
+
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 """Container formats accepted from clients; anything else is refused before decoding."""
 
@@ -42,7 +47,18 @@ def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"image could not be decoded ({exc}); send a PNG, JPEG, "
                                "WEBP, GIF, BMP or TIFF file") from exc
-    return image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as LLaVA-NeXT's processor makes it: transparency (an alpha band, or a palette
+    or colour key marked transparent) composited onto white, so colours hidden under
+    transparent pixels never reach the model."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def read_image(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Image.Image:

@@ -18,6 +18,7 @@ from torch import nn
 from hero_core.config import compute_config_hash, require
 from hero_core.encoder import TextEncoder, VisionEncoder
 from hero_core.errors import ModelLoadError
+from hero_core.image import PIXELS_VERSION
 from hero_core.tiling import TilingSpec
 
 DTYPES: dict[str, torch.dtype] = {
@@ -132,8 +133,9 @@ class VLM:
 
 
 def encoder_fingerprint(spec: ModelSpec, feature_layer: Any, tiling: TilingSpec) -> str:
-    """Fingerprint of checkpoint, dtype, feature layer and tiling (cache keys use it)."""
-    blob = f"{spec.compute_hash()}|{feature_layer}|{tiling}"
+    """Fingerprint of checkpoint, dtype, feature layer, tiling and image decoding (cache
+    keys use it)."""
+    blob = f"{spec.compute_hash()}|{feature_layer}|{tiling}|pixels-v{PIXELS_VERSION}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from hero_core.config import require
+from hero_core.image import to_rgb
 
 LLAVA_V16_PINPOINTS: tuple[tuple[int, int], ...] = (
     (336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008),
@@ -169,7 +170,7 @@ def tile_image(image: Image.Image, spec: TilingSpec) -> tuple[torch.Tensor, Tile
     Returns pixel values `(K+1, 3, crop, crop)` float32, thumbnail first, tiles in
     raster order, and the grid geometry.
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     grid = plan_grid((image.height, image.width), spec)
     resample = Image.Resampling(spec.resample)
     canvas = np.zeros((grid.rows * spec.crop_size, grid.cols * spec.crop_size, 3), np.uint8)

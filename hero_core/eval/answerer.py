@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from hero_core.config import require
 from hero_core.errors import InvalidInputError
 from hero_core.generation import build_inputs_embeds, format_chat
+from hero_core.image import to_rgb
 from hero_core.methods import METHODS, PruningMethod, create_method
 from hero_core.models import HUB_PRESETS, VLM, ModelSpec, load_vlm, resolve_spec
 from hero_core.packing import PackedTokens
@@ -119,7 +120,7 @@ def single_image(visuals: Sequence[Any] | None) -> Image.Image:
     image = visuals[0]
     if not isinstance(image, Image.Image):
         raise InvalidInputError(f"the visual must be a PIL image, got {type(image).__name__}")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def image_digest(image: Image.Image) -> str:

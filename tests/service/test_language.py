@@ -227,6 +227,7 @@ def test_over_capacity_is_refused_at_once_and_a_cancelled_call_frees_its_slot(
         holder.cancel()
         stalled.release.set()
         wait_until(lambda: srv.servicer.admission.reserved == 0)
+        wait_until(lambda: srv.servicer.engine.stats().running == 0)
         assert call(srv, requests(astronaut_tokens))[-1].WhichOneof("part") == "usage"
     finally:
         srv.stop()
@@ -263,6 +264,8 @@ def test_deadline_is_honoured_and_frees_the_slot(language_model, astronaut_token
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - start < 10.0  # 4,000 tokens take far longer
         wait_until(lambda: srv.servicer.admission.reserved == 0)
+        # the engine lets go of the sequence at its next step
+        wait_until(lambda: srv.servicer.engine.stats().running == 0)
         assert call(srv, requests(astronaut_tokens))[-1].WhichOneof("part") == "usage"
     finally:
         srv.stop()

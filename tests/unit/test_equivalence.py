@@ -4,8 +4,10 @@ At retention 1.0 the LLM must see exactly what `LlavaNextForConditionalGeneratio
 builds from the stock processor, so greedy generation gives the same tokens.
 """
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
 from hero_core.generation import build_inputs_embeds, format_prompt, generate_greedy
@@ -80,3 +82,41 @@ def test_pruned_generation_runs_with_fewer_tokens(vlm, pruner, photo):
     tokens = generate_greedy(vlm.model, vlm.tokenizer, result.packed, prompt,
                              vlm.image_token_id, 4)
     assert len(tokens) == 4
+
+
+def transparent_images() -> dict[str, Image.Image]:
+    """Images with transparency whose hidden colours differ from what shows: an RGBA with
+    varying alpha (vivid colours under fully transparent pixels), a grey LA, and a
+    palette image with one colour marked transparent."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (520, 610, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (520, 610), dtype=np.uint8)
+    alpha[:, :200] = 0  # fully transparent band: its colours must not reach the model
+    rgba = Image.fromarray(np.dstack([rgb, alpha]))
+    la = Image.fromarray(np.dstack([rgb[..., 0], alpha]), mode="LA")
+    palette = Image.fromarray(rgb).quantize(colors=64)
+    palette.info["transparency"] = 3
+    return {"RGBA": rgba, "LA": la, "P+transparency": palette}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency"])
+def test_transparent_images_match_the_stock_processor(vlm, pruner, stock_processor, mode):
+    """Transparency is composited onto white, as the stock processor does, both for an
+    image handed over in memory and for its PNG bytes decoded by the service."""
+    import io
+
+    from hero_core.image import decode_image
+
+    image = transparent_images()[mode]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue())
+    prompt = format_prompt(vlm.tokenizer, "What is shown in this picture?")
+    expected, _ = stock_run(vlm, stock_processor, Image.open(io.BytesIO(buf.getvalue())),
+                            prompt)
+    for picture in (image, decoded):
+        packed = pruner.prune(picture, "", create_method("full"), 1.0).packed
+        assert generate_greedy(vlm.model, vlm.tokenizer, packed, prompt, vlm.image_token_id,
+                               NEW_TOKENS) == expected
+    if mode != "P+transparency":  # the hidden colours are gone: the clear band is white
+        assert np.asarray(decoded)[:, :200].min() == 255
