@@ -14,9 +14,9 @@ from tests.conftest import ROOT
 SKIP_DIRS = {".git", ".venv", "build", "models", "out", "__pycache__", ".pytest_cache",
              ".mypy_cache", ".ruff_cache", ".hypothesis", "certs"}
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".json", ".cfg", ".txt", ".proto", ""}
-# A path that climbs out of the checkout into a sibling folder, in code or in prose.
-# Built from parts so that this file does not match itself.
-OUTSIDE = re.compile(r"\.\./" + "shared" + r"|\.parent\s*/\s*[\"']" + "shared" + r"[\"']")
+# A relative path that climbs folders, and code that climbs above the checkout's root.
+CLIMB = re.compile(r"(?:\.\./)+[\w.-]+(?:/[\w.-]+)*")
+ABOVE_ROOT = re.compile(r"\bROOT\.parent\b")
 MARKDOWN_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -32,10 +32,18 @@ def project_files() -> list[Path]:
 
 
 def test_no_file_refers_to_a_folder_beside_the_checkout():
+    """Every `../` path names something that exists inside the repository (seen from the
+    file's folder or from the root), and no code reaches above the root."""
     offenders = []
     for path in project_files():
         text = path.read_text(errors="replace")
-        offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in OUTSIDE.finditer(text)]
+        for match in CLIMB.finditer(text):
+            target = match.group(0).rstrip(".")
+            inside = [(base / target).resolve() for base in (path.parent, ROOT)]
+            if not any(t.is_relative_to(ROOT) and t.exists() for t in inside):
+                offenders.append(f"{path.relative_to(ROOT)}: {target}")
+        offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}"
+                      for m in ABOVE_ROOT.finditer(text) if path != Path(__file__)]
     assert not offenders, f"files that need something outside the repository: {offenders}"
 
 
