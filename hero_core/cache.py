@@ -8,7 +8,9 @@ from the entry and each crop keeps a prefix of its ranking. Other methods cache 
 packed tokens of one full request.
 
 Keys are derived server-side from the image's content hash and the encoder and
-method fingerprints; a client never chooses one.
+method fingerprints; a client never chooses one. Every value also records that
+`Origin` itself, and a reader checks it (`entry_from_bytes`, `check_entry`), so a
+value written or copied under the wrong key is never used.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hero_core.errors import CorruptPayloadError
 from hero_core.methods.base import RankedMethod, Ranking
 from hero_core.packing import PackedTokens, Selection, pack_tokens
 from hero_core.serialization import DTYPES, decode_record, encode_record
@@ -48,6 +51,27 @@ def request_fingerprint(ratio: float, question: str | None) -> str:
     """Fingerprint of the request-specific inputs of a non-prefix method."""
     blob = f"{ratio!r}|{question if question is not None else ''}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """What a cache value was made from: recorded in the value, checked on read."""
+
+    image: str
+    """SHA-256 of the encoded image bytes (`image_digest`)."""
+    encoder: str
+    """Encoder fingerprint (model, feature layer, tiling, pixel decoding)."""
+    method: str
+    """Pruning method fingerprint (name and settings)."""
+
+    def as_meta(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    def check(self, meta: dict[str, Any]) -> None:
+        """`CorruptPayloadError` unless `meta` records this origin."""
+        recorded = meta.get("origin")
+        if recorded != self.as_meta():
+            raise CorruptPayloadError(f"value was made from {recorded}, not {self.as_meta()}")
 
 
 @dataclasses.dataclass
@@ -87,8 +111,28 @@ def select_from_entry(entry: RankedEntry, method: RankedMethod, grid: TileGrid, 
     return pack_tokens(selection, None, grid)
 
 
-def entry_to_bytes(entry: RankedEntry, method_fp: str) -> bytes:
-    """Serialise an entry (versioned header, CRC-32; see `hero_core.serialization`)."""
+def check_entry(entry: RankedEntry, grid: TileGrid, feature_dim: int) -> None:
+    """`CorruptPayloadError` unless every prefix of the entry packs into a valid layout
+    for `grid`: one ranking per crop, indices unique and inside the crop's unpadded
+    window, one `feature_dim` feature row per index."""
+    if entry.image_size != grid.image_size or len(entry.order) != grid.num_crops:
+        raise CorruptPayloadError(f"entry has {len(entry.order)} crops of a "
+                                  f"{entry.image_size} image; the grid has {grid.num_crops}")
+    valid = grid.valid_mask()
+    for crop, (order, feats) in enumerate(zip(entry.order, entry.features, strict=True)):
+        n = order.numel()
+        if n and (int(order.min()) < 0 or int(order.max()) >= valid.shape[1]
+                  or not bool(valid[crop, order].all()) or order.unique().numel() != n):
+            raise CorruptPayloadError(f"crop {crop}'s ranking has indices outside its window "
+                                      "or repeated")
+        if tuple(feats.shape) != (n, feature_dim):
+            raise CorruptPayloadError(f"crop {crop} has features {tuple(feats.shape)}, not "
+                                      f"({n}, {feature_dim})")
+
+
+def entry_to_bytes(entry: RankedEntry, method_fp: str, origin: Origin | None = None) -> bytes:
+    """Serialise an entry (versioned header, CRC-32; see `hero_core.serialization`),
+    recording the `origin` it was made from."""
     tensors: dict[str, torch.Tensor] = {
         "lengths": torch.tensor([o.numel() for o in entry.order], dtype=torch.int32),
         "order": torch.cat(entry.order).to(torch.int16),
@@ -96,15 +140,17 @@ def entry_to_bytes(entry: RankedEntry, method_fp: str) -> bytes:
     }
     tensors.update({f"state.{k}": v for k, v in entry.state.items()})
     meta: dict[str, Any] = {"image_size": list(entry.image_size), "method": method_fp}
+    if origin is not None:
+        meta["origin"] = origin.as_meta()
     return encode_record(ENTRY_KIND, meta, tensors)
 
 
-def entry_from_bytes(data: bytes, method_fp: str) -> RankedEntry:
+def entry_from_bytes(data: bytes, method_fp: str, origin: Origin | None = None) -> RankedEntry:
     """Inverse of `entry_to_bytes`; `CorruptPayloadError` on any mismatch, including an
-    entry written for another method fingerprint."""
-    from hero_core.errors import CorruptPayloadError
-
+    entry written for another method fingerprint or (when given) another origin."""
     meta, t = decode_record(data, ENTRY_KIND)
+    if origin is not None:
+        origin.check(meta)
     try:
         if meta["method"] != method_fp:
             raise CorruptPayloadError(f"entry is for method {meta['method']}, not {method_fp}")

@@ -14,6 +14,7 @@ import json
 import struct
 import sys
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,18 +95,26 @@ def _tensor(payload: memoryview, spec: dict[str, Any]) -> torch.Tensor:
     return raw.view(dtype).reshape(shape)
 
 
-def packed_to_bytes(packed: PackedTokens) -> bytes:
-    """Serialise packed tokens (features in their own dtype)."""
-    meta = {"image_size": list(packed.image_size), "grid": list(packed.grid),
-            "side": packed.side, "full_tokens": packed.full_tokens}
+def packed_to_bytes(packed: PackedTokens, origin: dict[str, str] | None = None) -> bytes:
+    """Serialise packed tokens (features in their own dtype), with the `origin` (what
+    they were made from; see `hero_core.cache.Origin`) when given."""
+    meta: dict[str, Any] = {"image_size": list(packed.image_size), "grid": list(packed.grid),
+                            "side": packed.side, "full_tokens": packed.full_tokens}
+    if origin is not None:
+        meta["origin"] = origin
     tensors = {"features": packed.features, "crop": packed.crop, "row": packed.row,
                "col": packed.col, "newline_after": packed.newline_after}
     return encode_record("packed_tokens", meta, tensors)
 
 
-def packed_from_bytes(data: bytes) -> PackedTokens:
-    """Inverse of `packed_to_bytes`; raises `CorruptPayloadError` on any mismatch."""
+def packed_from_bytes(data: bytes,
+                      check_meta: Callable[[dict[str, Any]], None] | None = None
+                      ) -> PackedTokens:
+    """Inverse of `packed_to_bytes`; raises `CorruptPayloadError` on any mismatch, or
+    what `check_meta` raises for the record's metadata."""
     meta, t = decode_record(data, "packed_tokens")
+    if check_meta is not None:
+        check_meta(meta)
     try:
         packed = PackedTokens(
             features=t["features"], crop=t["crop"], row=t["row"], col=t["col"],

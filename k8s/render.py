@@ -54,17 +54,31 @@ def serve_config(gpu: bool) -> dict[str, Any]:
     return config
 
 
+def proxy_env() -> list[dict[str, Any]]:
+    """Serve's gRPC proxy bound (it reads it from the environment of the pods it runs in),
+    from the app's limits; the same for both overlays."""
+    from services.vision.config import VisionConfig
+
+    args = VisionConfig.model_validate(serve_config(gpu=False)["applications"][0]["args"])
+    return [{"name": k, "value": v} for k, v in args.proxy_env().items()]
+
+
 def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -> dict[str, Any]:
     return {
         "name": name,
         "image": "hero-serve/vision:cpu",
         "env": [
             {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+            *proxy_env(),
             {"name": "REDIS_PASSWORD",
              "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
             # Bearer tokens of the public API; without the secret the API is open.
             {"name": "HERO_API_TOKENS",
              "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens",
+                                            "optional": True}}},
+            # Key of the cache entries' HMAC; without the secret entries carry no MAC.
+            {"name": "HERO_CACHE_SECRET",
+             "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret",
                                             "optional": True}}},
         ],
         "ports": [{"name": p, "containerPort": n} for p, n in ports],

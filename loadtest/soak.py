@@ -455,28 +455,73 @@ def report(run: dict[str, Any], command: str, machine: str) -> str:
         lines.append(f"| {m['role']} | {series} | {m['growth_pct']:+.1f} % | "
                      f"{m['late_growth_pct']:+.1f} % |")
     lines += ["", "Redis grows while new images fill the cache; `maxmemory` with LRU eviction "
-              "bounds it.", "", "## Where each behaviour is tested", "",
+              "bounds it.", "", "## The token path under failure", "", *TOKEN_PATH, "",
+              "## Where each behaviour is tested", "",
               "| behaviour | test (in `make test`) |", "|---|---|",
-              "| bad inputs get INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED with a message | "
-              "tests/integration/test_system.py, tests/service/test_language.py |",
-              "| fuzzed image, tensor codec and cache-entry decoding raise only typed errors | "
-              "tests/unit/test_fuzz.py, test_codec.py, test_cache_entry.py |",
-              "| Redis killed and restarted, stalled, password-protected | "
-              "tests/integration/test_system.py, tests/service/test_cache_redis.py |",
-              "| language service killed mid-stream: UNAVAILABLE in < 10 s, retries, recovery | "
-              "tests/integration/test_system_faults.py |",
-              "| encoder replica killed: clear codes, Serve replaces it | "
-              "tests/integration/test_system_faults.py |",
-              "| client cancel and deadline stop the generation in the language service | "
-              "tests/integration/test_system_overload.py |",
-              "| past the language queue: RESOURCE_EXHAUSTED at once | "
-              "tests/integration/test_system_overload.py, tests/service/test_language.py |",
-              "| one sequence cancelled, past its deadline or failing leaves the batch's "
-              "others unchanged; a request larger than the KV cache is refused naming it | "
-              "tests/unit/test_batched_engine.py |",
-              "| corrupt or mismatched cache entries are misses, overwritten | "
-              "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py |", ""]
+              *(f"| {what} | {where} |" for what, where in TESTED), ""]
     return "\n".join(lines)
+
+
+TOKEN_PATH = [
+    "* **One encoding per image, with no shared failure.** Concurrent misses share one "
+    "encoding; what belongs to one request alone (fetching its image by id, checking its "
+    "prompt with the language service) runs before it encodes, so a request that sent the "
+    "bytes never inherits another's NOT_FOUND or INVALID_ARGUMENT.",
+    "* **A dead replica stalls an image for at most `cache.lock_ttl_s` (10 s).** The "
+    "cross-replica lock holds a random token, is renewed every third of its lifetime "
+    "while the owner encodes, and is released only by its owner; a waiter gives up at its "
+    "own deadline with DEADLINE_EXCEEDED.",
+    "* **Redis down:** tokens are a miss (encoded again), an `image_id` request is "
+    "UNAVAILABLE (retryable: the image is not lost, only unreachable).",
+    "* **Deadlines:** a language call is never retried once the client's deadline cannot "
+    "fit the backoff, and a call that ends past the deadline is DEADLINE_EXCEEDED, "
+    "whatever grpc reported (a stream cut mid-upload shows as INTERNAL).",
+    "* **Health:** `grpc.health.v1.Health/Check` on the public port is NOT_SERVING while "
+    "the language service does not answer (checked at most once a second).",
+]
+"""How the token path behaves under failure (fixed text of the report)."""
+
+TESTED = [
+    ("bad inputs get INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED with a message",
+     "tests/integration/test_system.py, tests/service/test_language.py"),
+    ("malformed request bytes get INVALID_ARGUMENT; error details carry no object reprs or "
+     "addresses; an upload above the limit is refused by Serve's proxy as it arrives",
+     "tests/integration/test_system.py, tests/service/test_vision_endpoint.py"),
+    ("a prompt or max_new_tokens the language service would refuse is refused before the "
+     "image is encoded", "tests/service/test_vision_endpoint.py"),
+    ("a passed deadline is DEADLINE_EXCEEDED and never followed by a retry",
+     "tests/service/test_vision_endpoint.py"),
+    ("grpc.health.v1 on the public port: NOT_SERVING while the language service is down",
+     "tests/integration/test_system_faults.py, tests/service/test_vision_endpoint.py"),
+    ("fuzzed image, tensor codec and cache-entry decoding raise only typed errors",
+     "tests/unit/test_fuzz.py, test_codec.py, test_cache_entry.py"),
+    ("Redis killed and restarted, stalled, password-protected; with Redis down an "
+     "image_id is UNAVAILABLE and bytes are still served",
+     "tests/integration/test_system.py, tests/service/test_cache_redis.py, "
+     "test_vision_tokens.py"),
+    ("a request with the image bytes never inherits an image_id request's NOT_FOUND; "
+     "bytes that are not an image are not stored", "tests/service/test_vision_tokens.py"),
+    ("a replica killed mid-encode stalls that image at most the lock's 10 s; the lock is "
+     "renewed while encoding and released only by its owner; waiters give up at their "
+     "deadline", "tests/service/test_cache_redis.py"),
+    ("language service killed mid-stream: UNAVAILABLE in < 10 s, retries, recovery",
+     "tests/integration/test_system_faults.py"),
+    ("encoder replica killed: clear codes, Serve replaces it",
+     "tests/integration/test_system_faults.py"),
+    ("client cancel and deadline stop the generation in the language service",
+     "tests/integration/test_system_overload.py"),
+    ("past the language queue: RESOURCE_EXHAUSTED at once",
+     "tests/integration/test_system_overload.py, tests/service/test_language.py"),
+    ("one sequence cancelled, past its deadline or failing leaves the batch's others "
+     "unchanged; a request larger than the KV cache is refused naming it",
+     "tests/unit/test_batched_engine.py"),
+    ("corrupt, mismatched or forged cache entries (another key, another image, no valid "
+     "MAC when a secret is set, a layout out of range) and stored images that do not hash "
+     "to their id are dropped and re-encoded, never served",
+     "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py, "
+     "test_vision_tokens.py"),
+]
+"""What the soak exercises statistically, and where each behaviour is tested exactly."""
 
 
 def refusal_lines(failed: list[Result]) -> list[str]:

@@ -169,12 +169,18 @@ class ServeApp:
         from ray.serve.config import gRPCOptions
         from ray.serve.schema import ServeDeploySchema
 
+        from services.vision.config import VisionConfig
+
+        schema = ServeDeploySchema.model_validate(self.config)
+        # Serve's proxy reads its message bound from the environment when it starts.
+        proxy_env = VisionConfig.model_validate(schema.applications[0].args).proxy_env()
+        os.environ.update(proxy_env)
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
                  _node_ip_address="127.0.0.1", log_to_driver=False,
                  _metrics_export_port=self.metrics_export_port,
-                 runtime_env={"working_dir": None, "env_vars": {"PYTHONPATH": str(ROOT)}},
+                 runtime_env={"working_dir": None,
+                              "env_vars": {"PYTHONPATH": str(ROOT), **proxy_env}},
                  ignore_reinit_error=True)
-        schema = ServeDeploySchema.model_validate(self.config)
         # The same path as `serve run serve_config.yaml` and KubeRay's serveConfigV2.
         client = serve_api.serve_start(
             http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,

@@ -9,6 +9,7 @@ with the request id logged, never the exception text (it may hold internals).
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
 
@@ -43,10 +44,22 @@ STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+_CLASS = re.compile(r"<class '([\w.]+)'>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+
+
+def public_details(message: str, limit: int = 1024) -> str:
+    """`message` fit for a client: object reprs and heap addresses replaced by type
+    names, and at most `limit` characters."""
+    message = _ADDRESS.sub("0x…", _CLASS.sub(r"\1", _REPR.sub(r"\1", message)))
+    return message if len(message) <= limit else message[:limit - 1] + "…"
+
+
 def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for `exc`."""
     for cls, code in STATUS:
         if isinstance(exc, cls):
-            return code, str(exc)
+            return code, public_details(str(exc))
     log.error("request %s failed", request_id, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"

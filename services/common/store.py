@@ -23,8 +23,20 @@ class Store(Protocol):
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool: ...
     async def exists(self, key: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
+    async def delete_if_equal(self, key: str, value: bytes) -> bool: ...
+    async def expire_if_equal(self, key: str, value: bytes, ttl_s: float) -> bool: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
+
+
+# Compare-and-act on one key, atomic in Redis: a lock is released or extended only by
+# the holder whose token it still stores.
+DELETE_IF_EQUAL = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0"""
+EXPIRE_IF_EQUAL = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0"""
 
 
 class RedisStore:
@@ -67,6 +79,13 @@ class RedisStore:
 
     async def delete(self, key: str) -> None:
         await self._run(self.client.delete(key))
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        return bool(await self._run(self.client.eval(DELETE_IF_EQUAL, 1, key, value)))
+
+    async def expire_if_equal(self, key: str, value: bytes, ttl_s: float) -> bool:
+        return bool(await self._run(self.client.eval(EXPIRE_IF_EQUAL, 1, key, value,
+                                                     int(ttl_s * 1000))))
 
     async def ping(self) -> None:
         await self._run(self.client.ping())
@@ -114,6 +133,18 @@ class MemoryStore:
         item = self.items.pop(key, None)
         if item is not None:
             self.size -= len(item[0])
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        if await self.get(key) != value:
+            return False
+        await self.delete(key)
+        return True
+
+    async def expire_if_equal(self, key: str, value: bytes, ttl_s: float) -> bool:
+        if await self.get(key) != value:
+            return False
+        self.items[key] = (value, time.monotonic() + ttl_s)
+        return True
 
     async def ping(self) -> None:
         return None

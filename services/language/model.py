@@ -130,15 +130,19 @@ class LanguageModel:
         return total
 
     def warmup_request(self) -> EngineRequest:
-        """A two-token request on a minimal valid layout (one thumbnail and one tile token)."""
-        tiling = self.info.tiling
-        grid = plan_grid((tiling.crop_size,) * 2, tiling)
-        first_tile = int(torch.nonzero(grid.valid_mask()[1])[0])
-        packed = PackedTokens(
-            features=torch.zeros(2, self.info.feature_dim),
-            crop=torch.tensor([0, 1], dtype=torch.int16),
-            row=torch.tensor([0, first_tile // tiling.side], dtype=torch.int16),
-            col=torch.tensor([0, first_tile % tiling.side], dtype=torch.int16),
-            newline_after=torch.tensor([False, True]), image_size=grid.image_size,
-            grid=(grid.rows, grid.cols), side=tiling.side, full_tokens=grid.full_token_count)
+        """A two-token request on the smallest valid layout."""
+        packed = smallest_packed(self.info.tiling, self.info.feature_dim)
         return EngineRequest("warmup", packed, (("user", "hi"),), SamplingParams(2))
+
+
+def smallest_packed(tiling: TilingSpec, feature_dim: int) -> PackedTokens:
+    """The smallest valid layout: one thumbnail and one tile token of a square image. It
+    stands in for the image when only a request's text is checked (`Validate`)."""
+    grid = plan_grid((tiling.crop_size,) * 2, tiling)
+    first_tile = int(torch.nonzero(grid.valid_mask()[1])[0])
+    return PackedTokens(
+        features=torch.zeros(2, feature_dim), crop=torch.tensor([0, 1], dtype=torch.int16),
+        row=torch.tensor([0, first_tile // tiling.side], dtype=torch.int16),
+        col=torch.tensor([0, first_tile % tiling.side], dtype=torch.int16),
+        newline_after=torch.tensor([False, True]), image_size=grid.image_size,
+        grid=(grid.rows, grid.cols), side=tiling.side, full_tokens=grid.full_token_count)

@@ -50,6 +50,7 @@ from services.language.engine import (
     SamplingParams,
 )
 from services.language.metrics import LanguageMetrics
+from services.language.model import smallest_packed
 
 log = logging.getLogger("hero.language")
 SERVICE = language_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
@@ -117,6 +118,21 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             tokens_per_side=engine.info.tiling.side, accepted_dtypes=sorted(self.accepted),
             max_new_tokens_limit=self.limits.max_new_tokens,
             max_prompt_tokens=self.limits.max_prompt_tokens)
+
+    async def Validate(self, header: language_pb2.GenerateHeader,
+                       context: grpc.aio.ServicerContext) -> language_pb2.ValidateResponse:
+        """Generate's checks of the prompt and parameters, on the smallest image layout."""
+        request_id = header.request_id[:128] or uuid.uuid4().hex
+        try:
+            engine = self._engine()
+            packed = smallest_packed(engine.info.tiling, engine.info.feature_dim)
+            engine.check(EngineRequest(request_id, packed, messages_of(header, self.limits),
+                                       check_params(header.params, self.limits)),
+                         self.limits.max_prompt_tokens)
+        except Exception as exc:
+            code, message = status_for(exc, request_id)
+            await context.abort(code, message)
+        return language_pb2.ValidateResponse()
 
     def _occupancy(self) -> EngineStats:
         return EngineStats(0, 0, 0) if self.engine is None else self.engine.stats()

@@ -62,6 +62,17 @@ class LanguageClient(AsyncChannelClient):
     async def model_info(self, timeout: float | None = None) -> language_pb2.ModelInfo:
         return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=timeout)
 
+    async def validate(self, prompt: str | None = None, *,
+                       messages: Sequence[tuple[str, str]] | None = None,
+                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       request_id: str = "", timeout: float | None = None) -> None:
+        """Whether the server would take this prompt and these parameters: returns, or
+        raises `grpc.aio.AioRpcError` (INVALID_ARGUMENT saying what to change)."""
+        header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
+                             seed, stop, ignore_eos)
+        await self.stub.Validate(header, timeout=timeout)
+
     async def generate(self, packed: PackedTokens, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -1,34 +1,48 @@
 """The token cache: a store plus the policy around it.
 
-* A store failure or timeout is a miss: logged, counted, never a failed request.
-* Every value is stored with its own key in front and checked on read, so a value that
-  comes back under the wrong key (a desynchronised connection, a bad write) is a miss,
-  never another image's tokens.
+* A store failure or timeout is a miss: logged, counted, never a failed request
+  (`get(strict=True)` lets a caller that cannot do without the value tell "down" from
+  "absent").
+* Every value is stored in an envelope naming its own key, and, when a secret is
+  configured, an HMAC-SHA256 over key and value. A value that comes back under another
+  key (a copy, a misrouted reply) or without a valid MAC (written by anyone without the
+  secret) is dropped and counted, never served.
 * Values above `max_entry_bytes` are not stored.
-* Concurrent misses on one key run the producer once (single flight): within a
-  replica they share one future; across replicas a short-lived lock key in the store
-  makes the others poll for the value instead of encoding it again.
+* Concurrent misses on one key run the producer once (single flight). Within a replica
+  they share one future. Across replicas a lock key holds a random token: only its
+  owner releases it, it lives `lock_ttl_s` and the owner renews it while producing, so
+  a replica that dies mid-encode stalls the others for at most `lock_ttl_s`. Waiters
+  give up at their own deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from hero_core.errors import CorruptPayloadError
+from services.common.errors import DeadlineError
 from services.common.store import Store, StoreError
 
 T = TypeVar("T")
 LOCK_SUFFIX = ":lock"
+MAGIC = b"HRC2"
+MAC_BYTES = 32
 
 log = logging.getLogger("hero.vision.cache")
 
 
 class CacheMetrics(Protocol):
     def observe(self, event: str) -> None:
-        """Count one event: hit, miss, coalesced, corrupt, error_get, error_set, too_large."""
+        """Count one event: hit, miss, coalesced, corrupt, unverified, error_get,
+        error_set, too_large, lock_lost."""
 
 
 class CountingMetrics:
@@ -45,25 +59,32 @@ class TokenCache:
     """get / put / get_or_create over a `Store`, degrading to misses on failure."""
 
     def __init__(self, store: Store, metrics: CacheMetrics, ttl_s: float | None,
-                 max_entry_bytes: int, lock_ttl_s: float = 120.0, poll_s: float = 0.025):
+                 max_entry_bytes: int, lock_ttl_s: float = 10.0, poll_s: float = 0.025,
+                 secret: bytes | None = None):
         self.store, self.metrics = store, metrics
         self.ttl_s, self.max_entry_bytes = ttl_s, max_entry_bytes
         self.lock_ttl_s, self.poll_s = lock_ttl_s, poll_s
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self.secret = secret or None
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, strict: bool = False) -> bytes | None:
+        """The value under `key`, None when absent or unusable. A store failure is None
+        too, unless `strict`: then it raises `StoreError`."""
         try:
             blob = await self.store.get(key)
         except StoreError as exc:
             self.metrics.observe("error_get")
+            if strict:
+                raise
             log.warning("cache get failed, serving as a miss: %s", exc)
             return None
         if blob is None:
             return None
-        value = unseal(key, blob)
+        value, problem = unseal(key, blob, self.secret)
         if value is None:
-            self.metrics.observe("corrupt")
-            log.warning("cache value under %s belongs to another key; ignored", key)
+            self.metrics.observe("unverified" if problem == "mac" else "corrupt")
+            log.warning("cache value under %s dropped: %s", key, problem)
+            await self.invalidate(key)
         return value
 
     async def put(self, key: str, value: bytes) -> bool:
@@ -71,7 +92,7 @@ class TokenCache:
             self.metrics.observe("too_large")
             return False
         try:
-            await self.store.set(key, seal(key, value), self.ttl_s)
+            await self.store.set(key, seal(key, value, self.secret), self.ttl_s)
             return True
         except StoreError as exc:
             self.metrics.observe("error_set")
@@ -86,79 +107,174 @@ class TokenCache:
             log.warning("cache delete failed: %s", exc)
 
     async def get_or_create(self, key: str, create: Callable[[], Awaitable[bytes]],
-                            decode: Callable[[bytes], T]) -> tuple[T, bool]:
+                            decode: Callable[[bytes], T], *,
+                            prepare: Callable[[], Awaitable[None]] | None = None,
+                            deadline: float | None = None) -> tuple[T, bool]:
         """The decoded value under `key`, and whether it came from the store.
 
-        A stored value that `decode` rejects (`CorruptPayloadError`: truncated, another
-        format version, another method) is counted, dropped and rebuilt: never served.
+        * A stored value that `decode` rejects (`CorruptPayloadError`) is counted,
+          dropped and rebuilt: never served.
+        * `prepare` runs only when this call is about to produce the value itself (not
+          when it joins another's production), so what it checks or fetches for this
+          request alone never fails the others.
+        * `deadline` (`time.monotonic()`): a call waiting for another's production
+          raises `DeadlineError` when it passes. A producer's failure reaches its waiters.
         """
-        value = await self.get(key)
-        if value is not None:
-            try:
-                decoded = decode(value)
+        prepared = False
+        while True:
+            found = await self._usable(key, decode)
+            if found is not None:
                 self.metrics.observe("hit")
-                return decoded, True
-            except CorruptPayloadError as exc:
-                self.metrics.observe("corrupt")
-                log.warning("dropping unusable cache entry %s: %s", key, exc)
-                await self.invalidate(key)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            self.metrics.observe("coalesced")
-            return decode(await asyncio.shield(pending)), False
-        self.metrics.observe("miss")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        locked = False
+                return found[0], True
+            pending = self._inflight.get(key)
+            if pending is not None:
+                self.metrics.observe("coalesced")
+                return await _wait(pending, deadline), False
+            if prepare is not None and not prepared:
+                await prepare()
+                prepared = True
+                continue  # another call may have finished or started meanwhile
+            return await self._lead(key, create, decode, deadline), False
+
+    async def _usable(self, key: str, decode: Callable[[bytes], T]) -> tuple[T] | None:
+        """The decoded stored value, or None (absent, or dropped as unusable)."""
+        value = await self.get(key)
+        if value is None:
+            return None
         try:
-            locked = await self._lock(key)
-            found = None if locked else await self._wait_for_other_replica(key)
-            value = found if found is not None else await create()
-            if found is None:
-                await self.put(key, value)
-            future.set_result(value)
+            return (decode(value),)
+        except CorruptPayloadError as exc:
+            self.metrics.observe("corrupt")
+            log.warning("dropping unusable cache entry %s: %s", key, exc)
+            await self.invalidate(key)
+            return None
+
+    async def _lead(self, key: str, create: Callable[[], Awaitable[bytes]],
+                    decode: Callable[[bytes], T], deadline: float | None) -> T:
+        """Produce (or wait for another replica's production), sharing the outcome with
+        every call of this replica that joins meanwhile."""
+        self.metrics.observe("miss")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._produce_once(key, create, decode, deadline)
+            future.set_result(result)
+            return result
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
             raise
         finally:
             del self._inflight[key]
-            if locked:
-                await self.invalidate(key + LOCK_SUFFIX)
-        return decode(value), False
 
-    async def _lock(self, key: str) -> bool:
+    async def _produce_once(self, key: str, create: Callable[[], Awaitable[bytes]],
+                            decode: Callable[[bytes], T], deadline: float | None) -> T:
+        """Take the cross-replica lock and produce, or wait for its holder's value; when
+        the holder lets go (or dies, and its lock expires) without a value, try again."""
+        while True:
+            token = secrets.token_hex(16).encode()
+            if await self._lock(key, token):
+                async with self._holding(key, token):
+                    value = await create()
+                    await self.put(key, value)
+                return decode(value)
+            if await self._wait_for_other_replica(key, deadline):
+                found = await self._usable(key, decode)
+                if found is not None:
+                    self.metrics.observe("coalesced")
+                    return found[0]
+
+    async def _lock(self, key: str, token: bytes) -> bool:
         """Take the cross-replica lock of `key`; True also when the store is down (then
         there is nobody to coordinate with and this replica just produces)."""
         try:
-            return await self.store.set_if_absent(key + LOCK_SUFFIX, b"1", self.lock_ttl_s)
+            return await self.store.set_if_absent(key + LOCK_SUFFIX, token, self.lock_ttl_s)
         except StoreError:
             return True
 
-    async def _wait_for_other_replica(self, key: str) -> bytes | None:
-        """Poll for the value another replica is producing; None once its lock is gone
-        (it failed or finished without storing) or the store fails."""
+    @contextlib.asynccontextmanager
+    async def _holding(self, key: str, token: bytes) -> AsyncIterator[None]:
+        """Renew the lock every third of its lifetime while the body runs; release it
+        after, if it is still ours."""
+        lock = key + LOCK_SUFFIX
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.lock_ttl_s / 3)
+                try:
+                    if not await self.store.expire_if_equal(lock, token, self.lock_ttl_s):
+                        self.metrics.observe("lock_lost")
+                        log.warning("lost the lock of %s while producing", key)
+                        return
+                except StoreError:
+                    pass  # the next renewal tries again; the lock outlives one failure
+
+        renewal = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            try:
+                await self.store.delete_if_equal(lock, token)
+            except StoreError as exc:
+                log.warning("could not release the lock of %s (it expires): %s", key, exc)
+
+    async def _wait_for_other_replica(self, key: str, deadline: float | None) -> bool:
+        """Poll while another replica holds the lock of `key`. True when its value may be
+        there (the lock is gone, or the value appeared); False when the store fails (this
+        replica then produces). `DeadlineError` when `deadline` passes first."""
         try:
             while await self.store.exists(key + LOCK_SUFFIX):
+                if deadline is not None and time.monotonic() + self.poll_s >= deadline:
+                    raise DeadlineError("the deadline passed while another replica was "
+                                        "encoding this image; retry with a longer deadline")
                 await asyncio.sleep(self.poll_s)
-                value = await self.get(key)
-                if value is not None:
-                    self.metrics.observe("coalesced")
-                    return value
-            return await self.get(key)
+                if await self.store.exists(key):
+                    return True
+            return True
         except StoreError:
-            return None
+            return False
 
 
-def seal(key: str, value: bytes) -> bytes:
-    """`value` with its key in front: u16 length, key bytes, value."""
+async def _wait(pending: asyncio.Future[T], deadline: float | None) -> T:
+    """The outcome of another call's production, or `DeadlineError` at `deadline`."""
+    if deadline is None:
+        return await asyncio.shield(pending)
+    try:
+        return await asyncio.wait_for(asyncio.shield(pending),
+                                      max(deadline - time.monotonic(), 0.0))
+    except TimeoutError:
+        raise DeadlineError("the deadline passed while another request was encoding this "
+                            "image; retry with a longer deadline") from None
+
+
+def _mac(secret: bytes, key: bytes, value: bytes) -> bytes:
+    return hmac.new(secret, len(key).to_bytes(2, "little") + key + value,
+                    hashlib.sha256).digest()
+
+
+def seal(key: str, value: bytes, secret: bytes | None = None) -> bytes:
+    """`value` in its envelope: magic, flags (1 = MAC), u16 key length, key, MAC, value."""
     raw = key.encode()
-    return len(raw).to_bytes(2, "little") + raw + value
+    mac = _mac(secret, raw, value) if secret else b""
+    return MAGIC + bytes([1 if secret else 0]) + len(raw).to_bytes(2, "little") + raw + mac \
+        + value
 
 
-def unseal(key: str, blob: bytes) -> bytes | None:
-    """The value of a sealed blob if it was stored under `key`, else None."""
+def unseal(key: str, blob: bytes, secret: bytes | None = None) -> tuple[bytes | None, str]:
+    """(value, "") for an envelope stored under `key` (with a valid MAC when `secret` is
+    given), else (None, what is wrong)."""
     raw = key.encode()
-    if blob[:2] != len(raw).to_bytes(2, "little") or blob[2:2 + len(raw)] != raw:
-        return None
-    return blob[2 + len(raw):]
+    head = len(MAGIC) + 3
+    if blob[:len(MAGIC)] != MAGIC or len(blob) < head:
+        return None, "not an envelope of this version"
+    flags, length = blob[len(MAGIC)], int.from_bytes(blob[len(MAGIC) + 1:head], "little")
+    if length != len(raw) or blob[head:head + length] != raw:
+        return None, "stored under another key"
+    body = blob[head + length:]
+    if not flags & 1:
+        return (None, "mac") if secret else (body, "")
+    mac, value = body[:MAC_BYTES], body[MAC_BYTES:]
+    if secret and not hmac.compare_digest(mac, _mac(secret, raw, value)):
+        return None, "mac"
+    return value, ""

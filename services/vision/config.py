@@ -29,6 +29,12 @@ class CacheConfig(BaseModel):
     """Environment variable holding the Redis password (from a secret); unset = none."""
     tls_ca_file: str | None = None
     """CA bundle that signs the Redis server certificate (rediss:// only)."""
+    secret_env: str = "HERO_CACHE_SECRET"
+    """Environment variable (from a secret) with the key of the entries' HMAC-SHA256;
+    set, entries without a valid MAC (written by anyone without it) are dropped."""
+    lock_ttl_s: float = Field(10.0, gt=0)
+    """Lifetime of the lock a replica holds while it encodes an image; it renews the lock
+    every third of that, so a replica that dies stalls others at most this long."""
     store_images: bool = True
     """Keep the encoded image too, so clients can send only its id later."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -85,6 +91,18 @@ class VisionConfig(BaseModel):
     """First retry delay; doubles each retry."""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest public request worth reading: the largest image, the longest prompt in
+        UTF-8, and room for the other fields. Serve's gRPC proxy is bounded to this
+        (`RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`, see `proxy_env`), so a larger upload is refused
+        by the proxy as it arrives instead of being read whole and handed to a replica."""
+        return self.max_image_bytes + 4 * self.max_prompt_chars + (64 << 10)
+
+    def proxy_env(self) -> dict[str, str]:
+        """Environment of the Ray processes that run Serve's proxy."""
+        return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(self.max_request_bytes)}
 
     def method(self, name: str) -> Any:
         """The pruning method `name` with this deployment's options."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from hero_core.cache import build_entry, entry_to_bytes
+from hero_core.cache import Origin, build_entry, entry_to_bytes
 from hero_core.methods import RankedMethod
 from hero_core.models import load_vlm, resolve_spec
 from hero_core.packing import pack_tokens
@@ -37,6 +37,8 @@ class EncodeJob:
     method: str
     ratio: float
     """Used only by methods that are not prefix-shaped."""
+    origin: Origin
+    """What the value is made from; recorded in it, checked when it is read back."""
 
 
 @dataclasses.dataclass
@@ -108,11 +110,11 @@ class Encoder:
         grid = plan_grid(job.image_size, self.tiling)
         if isinstance(method, RankedMethod):
             entry = build_entry(method.rank(crops, grid), crops.features, grid, self.cache_dtype)
-            return entry_to_bytes(entry, method.compute_hash())
+            return entry_to_bytes(entry, method.compute_hash(), job.origin)
         selection = method.select(crops, grid, job.ratio, None)
         packed = pack_tokens(selection, crops.features, grid)
         packed.features = packed.features.to(self.cache_dtype)
-        return packed_to_bytes(packed)
+        return packed_to_bytes(packed, job.origin.as_meta())
 
     async def embed_question(self, question: str) -> torch.Tensor | None:
         """CLIP text embedding `(P,)` of a question, or None without a text tower."""

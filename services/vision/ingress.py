@@ -1,51 +1,38 @@
 """The ingress deployment: the public hero.vision.v1.VisionService behind Serve's gRPC proxy.
 
-Per request: validate, find the image's pruned tokens (Redis, else encode once via
-the encoder deployment and store), apply the request's budgets, then either return
-the tokens (`Prune`) or stream them to the language service and the answer back
-(`Generate`).
+A thin adapter: each RPC checks its request, gets the pruned tokens from `TokenSource`
+(cache or one encoding), then either returns them (`Prune`) or streams them to the
+language service and the answer back (`Generate`). It also answers
+`grpc.health.v1.Health/Check` on the public port (see `services.vision.api`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import torch
+from grpc_health.v1 import health_pb2
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
 from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
-from hero_core.cache import (
-    entry_from_bytes,
-    image_digest,
-    image_key,
-    request_fingerprint,
-    select_from_entry,
-    tokens_key,
-)
-from hero_core.config import Limits
-from hero_core.errors import HeroError, ImageSizeError, InvalidInputError
-from hero_core.image import decode_image
-from hero_core.methods import PruningMethod, RankedMethod
+from hero_core.errors import InvalidInputError
 from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
-from hero_core.packing import PackedTokens
-from hero_core.pipeline import check_ratio
-from hero_core.serialization import packed_from_bytes
-from hero_core.tiling import tile_image
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
 from services.common.errors import (
     OverloadedError,
     UnauthenticatedError,
     UnavailableError,
+    public_details,
     status_for,
 )
 from services.common.params import check_generation_params, turns_of
@@ -53,13 +40,16 @@ from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
 from services.sdk.vision import TIMEOUT_HEADER
+from services.vision.api import VISION_SERVICE, MalformedRequest
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
 from services.vision.encoder import EncodeJob, EncodeResult
 from services.vision.metrics import VisionMetrics
+from services.vision.tokens import EncoderClient, ImageNotFoundError, Tokens, TokenSource
 
 log = logging.getLogger("hero.vision")
-DIGEST = re.compile(r"^[0-9a-f]{64}$")
+HEALTH_CACHE_S = 1.0
+"""How long a health answer is reused, so probes do not each call the language service."""
 
 
 def call_metadata_of(grpc_context: Any) -> dict[str, Any]:
@@ -67,80 +57,133 @@ def call_metadata_of(grpc_context: Any) -> dict[str, Any]:
     return dict(grpc_context.invocation_metadata()) if grpc_context else {}
 
 
-def client_deadline(grpc_context: Any, arrival: float) -> float | None:
-    """The client's deadline on the `time.perf_counter()` clock, from the `hero-timeout-ms`
+def client_deadline(grpc_context: Any) -> float | None:
+    """The client's deadline on the `time.monotonic()` clock, from the `hero-timeout-ms`
     metadata the SDK sends (Serve's proxy does not pass gRPC deadlines on)."""
     raw = str(call_metadata_of(grpc_context).get(TIMEOUT_HEADER, ""))
     if not raw.isdigit():
         return None
-    return arrival + int(raw) / 1000
+    return time.monotonic() + int(raw) / 1000
 
 
-def language_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
-    """The status to give a client for a failed language call. A stream that broke while
-    the request was still being written surfaces in grpc as INTERNAL "Internal error from
-    Core": the language service went away (or refused mid-upload), so it is UNAVAILABLE."""
+class ServiceNotFoundError(Exception):
+    """A health check for a service this server does not have."""
+
+
+def parsed(request: Any) -> Any:
+    """`request`, or `InvalidInputError` when its bytes did not parse."""
+    if isinstance(request, MalformedRequest):
+        raise InvalidInputError(request.problem())
+    return request
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before `deadline` (at least 1 ms), None without a deadline."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
+class RequestFailed(Exception):
+    """What an RPC raises once its status is set: code and public details only."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.code, self.details)
+
+
+class LanguageCallError(Exception):
+    """A failed language call, already mapped to the status the client gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles it from replica to proxy
+        return type(self), (self.code, self.message)
+
+
+def language_status(exc: grpc.aio.AioRpcError, deadline: float | None
+                    ) -> tuple[grpc.StatusCode, str]:
+    """The status to give a client for a failed language call.
+
+    * The client's deadline passed (whatever grpc reported, e.g. a stream cut while the
+      tokens were still being sent): DEADLINE_EXCEEDED.
+    * A stream that broke while the request was still being written surfaces in grpc as
+      INTERNAL "Internal error from Core": the language service went away (or refused
+      mid-upload), so it is UNAVAILABLE.
+    """
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+            deadline is not None and time.monotonic() >= deadline):
+        return (grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the deadline passed before the language service answered")
     if exc.code() == grpc.StatusCode.INTERNAL and "from Core" in (exc.details() or ""):
         return grpc.StatusCode.UNAVAILABLE, "language service: the stream broke; retry"
     return exc.code(), f"language service: {exc.details()}"
 
 
-async def encoder_call(response: Any) -> Any:
-    """Await a call to the encoder deployment, its failures as retryable statuses."""
-    try:
-        return await response
-    except BackPressureError as exc:  # the encoders' queues are full
-        raise OverloadedError("the encoders are at capacity; retry with backoff") from exc
-    except Exception as exc:  # replica died or Ray failed: the caller may retry
-        raise UnavailableError(f"the encoder is unavailable ({type(exc).__name__}); "
-                               "retry") from exc
+class RayEncoder:
+    """The encoder deployment's handle as a `tokens.EncoderClient`; its failures become
+    retryable statuses."""
 
+    def __init__(self, handle: Any):
+        self.handle = handle
 
-class ImageNotFoundError(HeroError):
-    """An image id the service no longer (or never) had."""
+    async def encode(self, job: EncodeJob) -> EncodeResult:
+        result = await self._call(self.handle.encode.remote(job))
+        if isinstance(result, Exception):  # this image's own failure, from its batch
+            raise result
+        return result  # type: ignore[no-any-return]
 
+    async def embed_question(self, question: str) -> torch.Tensor | None:
+        return await self._call(self.handle.embed_question.remote(question))  # type: ignore[no-any-return]
 
-@dataclasses.dataclass
-class Tokens:
-    """Pruned tokens for one request and how they were obtained."""
-
-    packed: PackedTokens
-    image_id: str
-    cache_hit: bool
-    vision_ms: float
-    queue_ms: float
+    @staticmethod
+    async def _call(response: Any) -> Any:
+        try:
+            return await response
+        except BackPressureError as exc:  # the encoders' queues are full
+            raise OverloadedError("the encoders are at capacity; retry with backoff") from exc
+        except Exception as exc:  # replica died or Ray failed: the caller may retry
+            raise UnavailableError(f"the encoder is unavailable ({type(exc).__name__}); "
+                                   "retry") from exc
 
 
 class VisionIngress:
-    """Validation, cache, orchestration and streaming; no model weights of its own."""
+    """The public RPCs over `TokenSource` and the language client; no model weights."""
 
-    def __init__(self, encoder: Any, config: dict[str, Any]):
+    def __init__(self, encoder: DeploymentHandle | EncoderClient, config: dict[str, Any]):
+        """`encoder`: the encoder deployment's handle (or, in tests, any `EncoderClient`)."""
         from transformers import AutoConfig
 
         self.config = VisionConfig.model_validate(config)
-        self.encoder = encoder
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,
                             self.config.dtype)
         model_config = AutoConfig.from_pretrained(spec.model,
                                                   local_files_only=spec.local_files_only)
-        self.tiling = load_tiling(spec, int(model_config.vision_config.patch_size))
-        self.encoder_fp = encoder_fingerprint(spec, model_config.vision_feature_layer,
-                                              self.tiling)
+        tiling = load_tiling(spec, int(model_config.vision_config.patch_size))
         self.metrics = VisionMetrics()
         cache = self.config.cache
         store = open_store(cache.url, cache.timeout_s, password=os.environ.get(cache.password_env),
                            tls_ca_file=cache.tls_ca_file)
-        self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes)
+        secret = os.environ.get(cache.secret_env, "").encode() or None
+        self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes,
+                                lock_ttl_s=cache.lock_ttl_s, secret=secret)
+        self.source = TokenSource(
+            self.config, RayEncoder(encoder) if isinstance(encoder, DeploymentHandle)
+            else encoder, self.cache, tiling,
+            encoder_fingerprint(spec, model_config.vision_feature_layer, tiling),
+            int(model_config.vision_config.hidden_size), self.metrics)
         tls = None
         if self.config.language_tls_ca_file:
             tls = channel_credentials(self.config.language_tls_ca_file,
                                       self.config.language_tls_cert_file,
                                       self.config.language_tls_key_file)
         self.language = LanguageClient(self.config.language_target, credentials=tls)
-        self.limits = Limits(self.config.max_image_bytes, self.config.max_image_pixels,
-                             self.config.max_prompt_chars)
         raw = os.environ.get(self.config.api_tokens_env, "")
         self.tokens_accepted = [t.strip().encode() for t in raw.split(",") if t.strip()]
+        self._health: tuple[float, bool] = (0.0, False)
 
     def _authorize(self, grpc_context: Any) -> None:
         """Require `authorization: Bearer <token>` when tokens are configured."""
@@ -155,41 +198,48 @@ class VisionIngress:
 
     # ---- RPCs -------------------------------------------------------------------------
 
-    async def Generate(self, request: vision_pb2.GenerateRequest,
+    async def Generate(self, request: vision_pb2.GenerateRequest | MalformedRequest,
                        grpc_context: Any = None) -> AsyncIterator[vision_pb2.GenerateEvent]:
-        arrival = time.perf_counter()
-        request_id = request.request_id[:128] or uuid.uuid4().hex
+        arrival, deadline = time.perf_counter(), client_deadline(grpc_context)
+        request_id = getattr(request, "request_id", "")[:128] or uuid.uuid4().hex
         try:
             self._authorize(grpc_context)
+            request = parsed(request)
             which = request.WhichOneof("input")
             turns = turns_of(request.prompt if which == "prompt" else None,
                              list(request.chat.messages) if which == "chat" else None,
                              self.config.max_prompt_chars)
             check_generation_params(request.params, 1 << 20)
             question = next((t for r, t in reversed(turns) if r == "user"), "")
-            deadline = client_deadline(grpc_context, arrival)
-            tokens = await self.tokens(request.image, request.prune, question)
+
+            async def check() -> None:  # before this request encodes a miss
+                await self._validate(request, turns, request_id, deadline)
+
+            tokens = await self.source.tokens(request.image, request.prune, question,
+                                              check=check, deadline=deadline)
             yield vision_pb2.GenerateEvent(accepted=self._accepted(tokens))
             async for event in self._answer(request, request_id, turns, tokens, arrival,
                                             deadline):
                 yield event
             self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
         except Exception as exc:
-            self._fail(exc, request_id, "Generate", grpc_context)
-            raise
+            raise self._fail(exc, request_id, "Generate", grpc_context) from exc
 
-    async def Prune(self, request: vision_pb2.PruneRequest,
+    async def Prune(self, request: vision_pb2.PruneRequest | MalformedRequest,
                     grpc_context: Any = None) -> AsyncIterator[vision_pb2.PruneResponse]:
-        request_id = request.request_id[:128] or uuid.uuid4().hex
+        deadline = client_deadline(grpc_context)
+        request_id = getattr(request, "request_id", "")[:128] or uuid.uuid4().hex
         try:
             self._authorize(grpc_context)
+            request = parsed(request)
             if len(request.question) > self.config.max_prompt_chars:
                 turns_of(request.question, None, self.config.max_prompt_chars)
             dtype = request.dtype or common_pb2.DTYPE_FLOAT16
             if dtype not in DTYPE_NAMES.values():
                 raise InvalidInputError(f"dtype {dtype} is not one of float32, float16, "
                                         "bfloat16, int8")
-            tokens = await self.tokens(request.image, request.prune, request.question)
+            tokens = await self.source.tokens(request.image, request.prune, request.question,
+                                              deadline=deadline)
             yield vision_pb2.PruneResponse(accepted=self._accepted(tokens))
             header, chunks = encode_tensor(tokens.packed.features, dtype)
             yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
@@ -198,20 +248,56 @@ class VisionIngress:
                 yield vision_pb2.PruneResponse(chunk=chunk)
             self.metrics.requests.inc(1, tags={"rpc": "Prune", "code": "OK"})
         except Exception as exc:
-            self._fail(exc, request_id, "Prune", grpc_context)
-            raise
+            raise self._fail(exc, request_id, "Prune", grpc_context) from exc
 
-    def _fail(self, exc: BaseException, request_id: str, rpc: str, grpc_context: Any) -> None:
-        if isinstance(exc, grpc.aio.AioRpcError):  # the language service's own verdict
-            code, message = language_status(exc)
-        elif isinstance(exc, ImageNotFoundError):
+    async def Check(self, request: health_pb2.HealthCheckRequest | MalformedRequest,
+                    grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1: SERVING while the language service answers, else NOT_SERVING.
+        The service name is "" (the whole server) or hero.vision.v1.VisionService."""
+        try:
+            request = parsed(request)
+            if request.service not in ("", VISION_SERVICE):
+                raise ServiceNotFoundError(f"unknown service {request.service[:100]!r}; ask "
+                                           f"for '' or {VISION_SERVICE}")
+        except Exception as exc:
+            raise self._fail(exc, "health", "Check", grpc_context) from exc
+        serving = await self.language_reachable()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING
+                                              if serving else
+                                              health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def language_reachable(self) -> bool:
+        """Whether the language service answered GetModelInfo within a second (the answer
+        is reused for `HEALTH_CACHE_S`)."""
+        checked_at, reachable = self._health
+        if time.monotonic() - checked_at < HEALTH_CACHE_S:
+            return reachable
+        try:
+            await self.language.model_info(timeout=1.0)
+            reachable = True
+        except grpc.aio.AioRpcError as exc:
+            log.warning("health: language service unreachable: %s", exc.code().name)
+            reachable = False
+        self._health = (time.monotonic(), reachable)
+        return reachable
+
+    def _fail(self, exc: BaseException, request_id: str, rpc: str,
+              grpc_context: Any) -> RequestFailed:
+        """Count the failure, set its status on the call, and return what to raise: a plain
+        `RequestFailed` (Ray pickles it to the proxy; the status set here is what the
+        client gets)."""
+        if isinstance(exc, LanguageCallError):  # the language service's own verdict
+            code, message = exc.code, exc.message
+        elif isinstance(exc, ImageNotFoundError | ServiceNotFoundError):
             code, message = grpc.StatusCode.NOT_FOUND, str(exc)
         else:
             code, message = status_for(exc, request_id)
         self.metrics.requests.inc(1, tags={"rpc": rpc, "code": code.name})
+        details = public_details(message)
         if grpc_context is not None:
             grpc_context.set_code(code)
-            grpc_context.set_details(message)
+            grpc_context.set_details(details)
+        return RequestFailed(code, details)
 
     @staticmethod
     def _accepted(tokens: Tokens) -> vision_pb2.Accepted:
@@ -219,17 +305,34 @@ class VisionIngress:
                                    tokens_kept=tokens.packed.num_tokens,
                                    tokens_total=tokens.packed.full_tokens)
 
+    async def _validate(self, request: vision_pb2.GenerateRequest,
+                        turns: tuple[tuple[str, str], ...], request_id: str,
+                        deadline: float | None) -> None:
+        """The language service's verdict on this prompt and these parameters, before an
+        image is encoded for them. A language service without `Validate` (older
+        version) is not asked."""
+        params = request.params
+        timeout = min(5.0, remaining(deadline) or 5.0)
+        try:
+            await self.language.validate(
+                messages=turns, max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
+                timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise LanguageCallError(*language_status(exc, deadline)) from exc
+
     async def _answer(self, request: vision_pb2.GenerateRequest, request_id: str,
                       turns: tuple[tuple[str, str], ...], tokens: Tokens, arrival: float,
                       deadline: float | None) -> AsyncIterator[vision_pb2.GenerateEvent]:
-        """Stream the answer; a call that fails UNAVAILABLE before its first text is retried
-        with backoff (nothing was sent yet, so a retry is safe). The language call ends at
-        the client's deadline when the client sent one."""
+        """Stream the answer. A call that fails UNAVAILABLE before its first text is retried
+        with backoff (nothing was sent yet, so a retry is safe), but never past the
+        client's deadline: the language call ends at that deadline."""
         params, first_ms = request.params, 0.0
         for attempt in range(self.config.language_retries + 1):
-            timeout = self.config.language_timeout_s
-            if deadline is not None:
-                timeout = min(timeout, max(deadline - time.perf_counter(), 0.001))
+            timeout = min(self.config.language_timeout_s,
+                          remaining(deadline) or self.config.language_timeout_s)
             parts = self.language.generate(
                 tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature, top_p=params.top_p, seed=params.seed,
@@ -245,13 +348,16 @@ class VisionIngress:
                         yield vision_pb2.GenerateEvent(delta=part)
                 return
             except grpc.aio.AioRpcError as exc:
-                retry = (not first_ms and language_status(exc)[0] == grpc.StatusCode.UNAVAILABLE
-                         and attempt < self.config.language_retries)
+                code, message = language_status(exc, deadline)
+                backoff = self.config.language_backoff_s * 2 ** attempt
+                retry = (not first_ms and code == grpc.StatusCode.UNAVAILABLE
+                         and attempt < self.config.language_retries
+                         and (remaining(deadline) or backoff + 1) > backoff)
                 if not retry:
-                    raise
+                    raise LanguageCallError(code, message) from exc
                 log.warning("language service unavailable, retry %d: %s", attempt + 1,
                             exc.details())
-                await asyncio.sleep(self.config.language_backoff_s * 2 ** attempt)
+                await asyncio.sleep(backoff)
 
     def _usage(self, part: common_pb2.Usage, tokens: Tokens,
                first_ms: float) -> vision_pb2.GenerateEvent:
@@ -261,83 +367,3 @@ class VisionIngress:
         return vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
             language=part, vision_ms=tokens.vision_ms, queue_ms=tokens.queue_ms,
             ttft_ms=first_ms, bytes_sent=sent))
-
-    # ---- tokens: cache or encode ------------------------------------------------------
-
-    async def tokens(self, image: vision_pb2.ImageInput, options: vision_pb2.PruneOptions,
-                     question: str) -> Tokens:
-        """Pruned tokens for this image and request (features in the cache dtype)."""
-        start = time.perf_counter()
-        method = self.config.method(options.method or self.config.default_method)
-        ratio = check_ratio(options.retention or self.config.default_retention)
-        data, digest = self._image_source(image)
-        timing: dict[str, float] = {}
-
-        async def encode() -> bytes:
-            return await self._encode(data, digest, method, ratio, timing)
-
-        method_fp = method.compute_hash()
-        if isinstance(method, RankedMethod):
-            key = tokens_key(digest, self.encoder_fp, method_fp)
-            # The text tower runs while the cache is read (or the image encoded).
-            embed = asyncio.create_task(self._embed(question)) if method.uses_question \
-                else None
-            try:
-                entry, hit = await self.cache.get_or_create(
-                    key, encode, lambda b: entry_from_bytes(b, method_fp))
-                question_embed = await embed if embed is not None else None
-            finally:
-                if embed is not None and not embed.done():
-                    embed.cancel()
-            packed = select_from_entry(entry, method, entry.grid(self.tiling), ratio,
-                                       question_embed)
-        else:
-            key = tokens_key(digest, self.encoder_fp, method_fp, request_fingerprint(ratio, None))
-            packed, hit = await self.cache.get_or_create(key, encode, packed_from_bytes)
-        vision_ms = (time.perf_counter() - start) * 1e3
-        self.metrics.stage("vision", vision_ms)
-        self.metrics.tokens_kept.observe(packed.num_tokens)
-        return Tokens(packed, digest, hit, vision_ms, timing.get("queue_ms", 0.0))
-
-    async def _embed(self, question: str) -> Any:
-        if not question.strip():
-            return None
-        return await encoder_call(self.encoder.embed_question.remote(question))
-
-    def _image_source(self, image: vision_pb2.ImageInput) -> tuple[bytes | None, str]:
-        which = image.WhichOneof("source")
-        if which == "data":
-            if not image.data:
-                raise ImageSizeError("image is empty (0 bytes); send the encoded file's bytes")
-            if len(image.data) > self.limits.max_image_bytes:
-                raise ImageSizeError(f"image is {len(image.data)} bytes, above max_image_bytes="
-                                     f"{self.limits.max_image_bytes}; send a smaller file")
-            return image.data, image_digest(image.data)
-        if which == "image_id":
-            if not DIGEST.match(image.image_id):
-                raise InvalidInputError("image_id must be the 64-hex-digit id returned in "
-                                        "accepted.image_id")
-            return None, image.image_id
-        raise InvalidInputError("send the image bytes or an image_id")
-
-    async def _encode(self, data: bytes | None, digest: str, method: PruningMethod,
-                      ratio: float, timing: dict[str, float]) -> bytes:
-        """Decode, tile and encode one image (the cache miss path)."""
-        if data is None:
-            data = await self.cache.get(image_key(digest))
-            if data is None:
-                raise ImageNotFoundError(f"image {digest[:12]}... is not known here (expired or "
-                                         "never sent); send the image bytes")
-        elif self.config.cache.store_images:
-            await self.cache.put(image_key(digest), data)
-        picture = await asyncio.to_thread(decode_image, data, self.limits)
-        pixels, grid = await asyncio.to_thread(tile_image, picture, self.tiling)
-        sent = time.perf_counter()
-        job = EncodeJob(pixels, grid.image_size, method.name, ratio)
-        result: EncodeResult | Exception = await encoder_call(self.encoder.encode.remote(job))
-        if isinstance(result, Exception):
-            raise result
-        round_trip_ms = (time.perf_counter() - sent) * 1e3
-        timing["queue_ms"] = max(round_trip_ms - result.encode_ms, 0.0)
-        self.metrics.stage("queue", timing["queue_ms"])
-        return result.value

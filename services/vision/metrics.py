@@ -21,7 +21,7 @@ class VisionMetrics:
     def __init__(self) -> None:
         self.cache = metrics.Counter(
             "hero_vision_cache_events", "Token cache events: hit, miss, coalesced, "
-            "error_get, error_set, too_large, corrupt", tag_keys=("event",))
+            "corrupt, unverified, error_get, error_set, too_large, lock_lost", tag_keys=("event",))
         self.requests = metrics.Counter("hero_vision_requests", "Calls by RPC and final code",
                                         tag_keys=("rpc", "code"))
         self.stage_ms = metrics.Histogram(

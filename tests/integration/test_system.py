@@ -173,3 +173,54 @@ def test_the_public_api_requires_a_valid_bearer_token(system, photo, token):
         with pytest.raises(grpc.RpcError) as info:
             anonymous.prune(png(photo), Q1, timeout=60)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def health_status(target: str, service: str = "") -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=30).status
+
+
+def test_the_public_port_answers_grpc_health_checks(system):
+    from grpc_health.v1 import health_pb2
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health_status(system.target) == serving
+    assert health_status(system.target, "hero.vision.v1.VisionService") == serving
+    with pytest.raises(grpc.RpcError) as info:
+        health_status(system.target, "no.such.Service")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_request_bytes_that_do_not_parse_are_invalid_argument(system):
+    from tests.integration.conftest import API_TOKEN
+
+    with grpc.insecure_channel(system.target) as channel:
+        raw = channel.unary_stream("/hero.vision.v1.VisionService/Generate")  # bytes as is
+        for payload in (b"\x0a\xff\xff\xff\xff\x0f", b"\xff" * 64, b"\x12\x05ab"):
+            with pytest.raises(grpc.RpcError) as info:
+                list(raw(payload, timeout=60,
+                         metadata=[("authorization", f"Bearer {API_TOKEN}")]))
+            details = info.value.details()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "GenerateRequest" in details
+            assert "<class" not in details and " at 0x" not in details
+
+
+def test_an_upload_above_the_limit_is_refused_by_the_proxy_before_any_replica(system):
+    """No token and far too many bytes: the proxy's message bound refuses it as it
+    arrives (RESOURCE_EXHAUSTED), instead of reading it whole for a replica to refuse."""
+    import time
+
+    from services.sdk.vision import VisionClient
+    from services.vision.config import VisionConfig
+
+    limit = VisionConfig.model_validate(system.args).max_request_bytes
+    with VisionClient(system.target) as anonymous:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(anonymous.generate(b"\0" * (limit + (1 << 20)), Q1, timeout=60))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert time.monotonic() - start < 10

@@ -7,10 +7,11 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from tests.conftest import noise_image
 from tests.integration.conftest import png
-from tests.integration.test_system import Q1, Q2, run
+from tests.integration.test_system import Q1, Q2, health_status, run
 
 
 def test_language_service_killed_mid_stream_gives_unavailable_promptly(system, client, photo):
@@ -35,10 +36,26 @@ def test_language_service_killed_mid_stream_gives_unavailable_promptly(system, c
         run(client, data, Q2, max_new_tokens=2)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - start < 15
+    assert settled_health(system.target, NOT_SERVING) == NOT_SERVING
 
     system.language.start()  # same port: the vision service reconnects by itself
     accepted, tokens, _, _ = run(client, data, Q2, max_new_tokens=3)
     assert accepted.cache_hit and tokens
+    assert settled_health(system.target, SERVING) == SERVING
+
+
+SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                        health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def settled_health(target: str, expected: int, within_s: float = 10.0) -> int:
+    """The public port's health once it reads `expected` (or `within_s` has passed)."""
+    until = time.monotonic() + within_s
+    status = health_status(target)
+    while status != expected and time.monotonic() < until:
+        time.sleep(0.25)
+        status = health_status(target)
+    return status
 
 
 def test_an_encoder_replica_crash_is_replaced_and_errors_are_clear(system, client):

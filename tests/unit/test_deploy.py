@@ -124,6 +124,25 @@ def test_the_repo_serve_config_is_valid_and_the_k8s_copy_is_rendered_from_it():
         assert path.read_text() == text, f"{path.name} is stale: run python k8s/render.py"
 
 
+def test_the_request_size_bound_is_set_wherever_requests_arrive(rendered):
+    """Serve's proxy reads its bound from the pods' environment; NGINX has its own body
+    limit. Both follow the app's `max_request_bytes` (the image limit plus headroom)."""
+    from services.vision.config import VisionConfig
+
+    _, docs = rendered
+    (service,) = by_kind(docs, "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    bound = VisionConfig.model_validate(config["applications"][0]["args"]).max_request_bytes
+    ray = [c for c in _containers([service]) if c["name"].startswith("ray-")]
+    assert {c["name"] for c in ray} == {"ray-head", "ray-worker"}  # proxies run on both
+    for container in ray:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == bound, container["name"]
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    body = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert body.endswith("m") and bound <= int(body[:-1]) << 20 < bound + (1 << 20)
+
+
 def test_the_public_endpoint_has_tls_in_front_of_it(rendered):
     # Compose: Envoy ends TLS on 9443 and forwards HTTP/2 to the vision service.
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -1,0 +1,237 @@
+"""Pruned tokens for one request: the image's cache entry (or one encoding of it), then
+this request's budgets. Plain asyncio: no gRPC or Ray here, so it is tested with an
+in-process encoder and a real Redis; the ingress adapts it to the RPCs.
+
+A miss is encoded once however many requests want it (`TokenCache.get_or_create`).
+What belongs to one request alone (its image bytes fetched by id, its prompt checked
+against the language service) is done before it encodes, never by the requests that
+wait for it, so they never inherit its failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import torch
+from hero.vision.v1 import vision_pb2
+
+from hero_core.cache import (
+    Origin,
+    RankedEntry,
+    check_entry,
+    entry_from_bytes,
+    image_digest,
+    image_key,
+    request_fingerprint,
+    select_from_entry,
+    tokens_key,
+)
+from hero_core.config import Limits
+from hero_core.errors import (
+    CorruptPayloadError,
+    HeroError,
+    ImageSizeError,
+    InvalidInputError,
+    LayoutError,
+)
+from hero_core.image import decode_image
+from hero_core.methods import PruningMethod, RankedMethod
+from hero_core.methods.base import Ranking
+from hero_core.packing import PackedTokens, check_packed
+from hero_core.pipeline import check_ratio
+from hero_core.serialization import packed_from_bytes
+from hero_core.tiling import TilingSpec, plan_grid, tile_image
+from services.common.errors import UnavailableError
+from services.common.store import StoreError
+from services.vision.cache import TokenCache
+from services.vision.config import VisionConfig
+from services.vision.encoder import EncodeJob, EncodeResult
+from services.vision.metrics import VisionMetrics
+
+log = logging.getLogger("hero.vision")
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+class EncoderClient(Protocol):
+    """The encoder deployment as the token path sees it."""
+
+    async def encode(self, job: EncodeJob) -> EncodeResult: ...
+    async def embed_question(self, question: str) -> torch.Tensor | None: ...
+
+
+class ImageNotFoundError(HeroError):
+    """An image id the service no longer (or never) had."""
+
+
+@dataclasses.dataclass
+class ImageSource:
+    """Where a request's image comes from: its bytes, or only its id (bytes fetched from
+    the store when the image must be encoded)."""
+
+    digest: str
+    data: bytes | None
+    uploaded: bool
+
+
+@dataclasses.dataclass
+class Tokens:
+    """Pruned tokens for one request and how they were obtained."""
+
+    packed: PackedTokens
+    image_id: str
+    cache_hit: bool
+    vision_ms: float
+    queue_ms: float
+
+
+class TokenSource:
+    """Cache lookup or encoding, then selection, for one request at a time."""
+
+    def __init__(self, config: VisionConfig, encoder: EncoderClient, cache: TokenCache,
+                 tiling: TilingSpec, encoder_fp: str, feature_dim: int,
+                 metrics: VisionMetrics | Any):
+        self.config, self.encoder, self.cache = config, encoder, cache
+        self.tiling, self.encoder_fp, self.feature_dim = tiling, encoder_fp, feature_dim
+        self.metrics = metrics
+        self.limits = Limits(config.max_image_bytes, config.max_image_pixels,
+                             config.max_prompt_chars)
+
+    async def tokens(self, image: vision_pb2.ImageInput, options: vision_pb2.PruneOptions,
+                     question: str, *, check: Callable[[], Awaitable[None]] | None = None,
+                     deadline: float | None = None) -> Tokens:
+        """Pruned tokens for this image and request (features in the cache dtype).
+
+        `check` runs before this request encodes a miss itself (not on a hit, nor when it
+        joins another request's encoding); `deadline` (`time.monotonic()`) bounds waiting
+        for another request's encoding.
+        """
+        start = time.perf_counter()
+        method = self.config.method(options.method or self.config.default_method)
+        ratio = check_ratio(options.retention or self.config.default_retention)
+        source = self._image_source(image)
+        method_fp = method.compute_hash()
+        ranked = isinstance(method, RankedMethod)
+        request_fp = "" if ranked else request_fingerprint(ratio, None)
+        key = tokens_key(source.digest, self.encoder_fp, method_fp, request_fp)
+        origin = Origin(source.digest, self.encoder_fp,
+                        f"{method_fp}:{request_fp}" if request_fp else method_fp)
+        timing: dict[str, float] = {}
+
+        async def prepare() -> None:
+            if check is not None:
+                await check()
+            if source.data is None:
+                source.data = await self._stored_image(source.digest)
+
+        async def encode() -> bytes:
+            assert source.data is not None  # prepare() ran
+            return await self._encode(source, origin, method, ratio, timing)
+
+        if ranked:
+            # The text tower runs while the cache is read (or the image encoded).
+            embed = asyncio.create_task(self._embed(question)) if method.uses_question \
+                else None
+            try:
+                entry, hit = await self.cache.get_or_create(
+                    key, encode, lambda b: self._entry(b, method, origin, ratio),
+                    prepare=prepare, deadline=deadline)
+                question_embed = await embed if embed is not None else None
+            finally:
+                if embed is not None and not embed.done():
+                    embed.cancel()
+            packed = select_from_entry(entry, method, entry.grid(self.tiling), ratio,
+                                       question_embed)
+        else:
+            packed, hit = await self.cache.get_or_create(
+                key, encode, lambda b: self._packed(b, origin), prepare=prepare,
+                deadline=deadline)
+        vision_ms = (time.perf_counter() - start) * 1e3
+        self.metrics.stage("vision", vision_ms)
+        self.metrics.tokens_kept.observe(packed.num_tokens)
+        return Tokens(packed, source.digest, hit, vision_ms, timing.get("queue_ms", 0.0))
+
+    def _entry(self, data: bytes, method: RankedMethod, origin: Origin,
+               ratio: float) -> RankedEntry:
+        """A cached ranked entry, checked to be from `origin` and usable for every
+        request: `CorruptPayloadError` (dropped and re-encoded by the cache) otherwise."""
+        entry = entry_from_bytes(data, origin.method, origin)
+        grid = entry.grid(self.tiling)
+        check_entry(entry, grid, self.feature_dim)
+        try:
+            budgets = method.budgets(Ranking(entry.order, entry.state), grid, ratio, None)
+        except Exception as exc:  # state of the wrong shape for this method
+            raise CorruptPayloadError(f"entry state is unusable: {type(exc).__name__}") from exc
+        if len(budgets) != grid.num_crops:
+            raise CorruptPayloadError("entry state gives budgets for another grid")
+        return entry
+
+    def _packed(self, data: bytes, origin: Origin) -> PackedTokens:
+        """Cached packed tokens, checked to be from `origin` and a valid layout."""
+        packed = packed_from_bytes(data, origin.check)
+        try:
+            check_packed(packed, plan_grid(packed.image_size, self.tiling), self.feature_dim)
+        except LayoutError as exc:
+            raise CorruptPayloadError(f"cached layout is invalid: {exc}") from exc
+        return packed
+
+    async def _embed(self, question: str) -> Any:
+        if not question.strip():
+            return None
+        return await self.encoder.embed_question(question)
+
+    def _image_source(self, image: vision_pb2.ImageInput) -> ImageSource:
+        which = image.WhichOneof("source")
+        if which == "data":
+            if not image.data:
+                raise ImageSizeError("image is empty (0 bytes); send the encoded file's bytes")
+            if len(image.data) > self.limits.max_image_bytes:
+                raise ImageSizeError(f"image is {len(image.data)} bytes, above max_image_bytes="
+                                     f"{self.limits.max_image_bytes}; send a smaller file")
+            return ImageSource(image_digest(image.data), image.data, uploaded=True)
+        if which == "image_id":
+            if not DIGEST.match(image.image_id):
+                raise InvalidInputError("image_id must be the 64-hex-digit id returned in "
+                                        "accepted.image_id")
+            return ImageSource(image.image_id, None, uploaded=False)
+        raise InvalidInputError("send the image bytes or an image_id")
+
+    async def _stored_image(self, digest: str) -> bytes:
+        """The bytes of an image sent earlier, checked against its id."""
+        key = image_key(digest)
+        try:
+            data = await self.cache.get(key, strict=True)
+        except StoreError as exc:
+            raise UnavailableError("the image store is unreachable, so an image_id cannot be "
+                                   "looked up now; retry, or send the image bytes") from exc
+        if data is not None and image_digest(data) != digest:
+            self.metrics.observe("corrupt")
+            log.warning("stored image %s... does not hash to its id; dropped", digest[:12])
+            await self.cache.invalidate(key)
+            data = None
+        if data is None:
+            raise ImageNotFoundError(f"image {digest[:12]}... is not known here (expired or "
+                                     "never sent); send the image bytes")
+        return data
+
+    async def _encode(self, source: ImageSource, origin: Origin, method: PruningMethod,
+                      ratio: float, timing: dict[str, float]) -> bytes:
+        """Decode, tile and encode one image (the cache miss path). Uploaded bytes are
+        stored for later `image_id` requests only once they decode as an image."""
+        assert source.data is not None
+        picture = await asyncio.to_thread(decode_image, source.data, self.limits)
+        if source.uploaded and self.config.cache.store_images:
+            await self.cache.put(image_key(source.digest), source.data)
+        pixels, grid = await asyncio.to_thread(tile_image, picture, self.tiling)
+        sent = time.perf_counter()
+        job = EncodeJob(pixels, grid.image_size, method.name, ratio, origin)
+        result = await self.encoder.encode(job)
+        round_trip_ms = (time.perf_counter() - sent) * 1e3
+        timing["queue_ms"] = max(round_trip_ms - result.encode_ms, 0.0)
+        self.metrics.stage("queue", timing["queue_ms"])
+        return result.value

@@ -1,0 +1,188 @@
+"""The vision service's token path (cache or encode) over a real Redis, without Ray:
+which request encodes, what is stored, and which stored values are trusted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import torch
+from hero.vision.v1 import vision_pb2
+
+from hero_core.cache import entry_from_bytes, entry_to_bytes, image_digest, image_key, tokens_key
+from hero_core.errors import InvalidInputError
+from services.common.errors import UnavailableError
+from services.local import RedisProcess
+from services.vision.cache import CountingMetrics, seal, unseal
+from services.vision.encoder import Encoder
+from services.vision.ingress import VisionIngress
+from services.vision.tokens import ImageNotFoundError
+from tests.service.vision_harness import InProcessEncoder, png_bytes, vision_config
+
+
+@pytest.fixture(scope="module")
+def encoder_object(tiny_dir):
+    return Encoder(vision_config("memory://"))
+
+
+@pytest.fixture()
+def redis_server():
+    server = RedisProcess(maxmemory="64mb").start()
+    yield server
+    server.stop()
+
+
+def by_bytes(data: bytes) -> vision_pb2.ImageInput:
+    return vision_pb2.ImageInput(data=data)
+
+
+def by_id(data: bytes) -> vision_pb2.ImageInput:
+    return vision_pb2.ImageInput(image_id=image_digest(data))
+
+
+OPTIONS = vision_pb2.PruneOptions()
+
+
+def run(scenario, encoder_object, redis_url: str, **config):
+    """Run `scenario(ingress, encoder)` with an ingress made inside the event loop."""
+    async def main():
+        encoder = InProcessEncoder(encoder_object)
+        ingress = VisionIngress(encoder, vision_config(redis_url, **config))
+        try:
+            await scenario(ingress, encoder)
+        finally:
+            await ingress.cache.store.close()
+            await ingress.language.close()
+    asyncio.run(main())
+
+
+def key_of(ingress: VisionIngress, data: bytes) -> str:
+    method_fp = ingress.config.method(ingress.config.default_method).compute_hash()
+    return tokens_key(image_digest(data), ingress.source.encoder_fp, method_fp)
+
+
+def same_tokens(a, b) -> bool:
+    return torch.equal(a.packed.features, b.packed.features) and torch.equal(
+        a.packed.crop, b.packed.crop) and torch.equal(a.packed.row, b.packed.row)
+
+
+def test_a_bytes_request_never_inherits_the_failure_of_an_image_id_request(
+        encoder_object, redis_server):
+    async def scenario(ingress, encoder):
+        for seed in range(4):  # images never sent before: the id alone cannot be served
+            data = png_bytes(seed)
+            first = asyncio.create_task(ingress.source.tokens(by_id(data), OPTIONS, "what?"))
+            second = asyncio.create_task(ingress.source.tokens(by_bytes(data), OPTIONS,
+                                                               "what?"))
+            tokens = await second
+            assert tokens.image_id == image_digest(data) and not tokens.cache_hit
+            outcome = (await asyncio.gather(first, return_exceptions=True))[0]
+            assert isinstance(outcome, ImageNotFoundError) or same_tokens(outcome, tokens)
+        assert len(encoder.jobs) == 4
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_an_entry_rewritten_under_another_images_key_is_not_served(encoder_object,
+                                                                    redis_server):
+    raw = redis.Redis(port=redis_server.port)
+
+    async def scenario(ingress, encoder):
+        a, b = png_bytes(1), png_bytes(2)
+        await ingress.source.tokens(by_bytes(a), OPTIONS, "what?")
+        truth = await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")
+        # A Redis writer puts a's entry under b's key, in a valid envelope for that key.
+        value, _ = unseal(key_of(ingress, a), raw.get(key_of(ingress, a)))
+        raw.set(key_of(ingress, b), seal(key_of(ingress, b), value))
+        served = await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")
+        assert not served.cache_hit and same_tokens(served, truth)
+        assert (await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")).cache_hit
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_with_a_secret_only_entries_with_its_mac_are_served(encoder_object, redis_server,
+                                                            monkeypatch):
+    raw = redis.Redis(port=redis_server.port)
+    monkeypatch.setenv("HERO_CACHE_SECRET", "test-secret-not-for-production")
+
+    async def scenario(ingress, encoder):
+        data = png_bytes(3)
+        truth = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
+        assert (await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")).cache_hit
+        key = key_of(ingress, data)
+        value, problem = unseal(key, raw.get(key), b"test-secret-not-for-production")
+        assert problem == ""
+        for forged in (seal(key, value), seal(key, value, b"another-secret")):
+            raw.set(key, forged)
+            served = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
+            assert not served.cache_hit and same_tokens(served, truth)
+        assert len(encoder.jobs) == 3
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_a_stored_image_that_does_not_hash_to_its_id_is_never_encoded(encoder_object,
+                                                                       redis_server):
+    raw = redis.Redis(port=redis_server.port)
+
+    async def scenario(ingress, encoder):
+        a, b = png_bytes(4), png_bytes(5)
+        await ingress.source.tokens(by_bytes(a), OPTIONS, "what?")
+        key = image_key(image_digest(a))
+        raw.set(key, seal(key, b))  # another picture under a's id
+        raw.delete(key_of(ingress, a))  # a's tokens expired: the next request must encode
+        with pytest.raises(ImageNotFoundError, match="send the image bytes"):
+            await ingress.source.tokens(by_id(a), OPTIONS, "what?")
+        assert len(encoder.jobs) == 1 and raw.get(key) is None
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_an_inconsistent_entry_is_dropped_and_re_encoded(encoder_object, redis_server):
+    raw = redis.Redis(port=redis_server.port)
+
+    async def scenario(ingress, encoder):
+        data = png_bytes(6)
+        truth = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
+        key, method_fp = key_of(ingress, data), ingress.config.method("hero").compute_hash()
+        value, _ = unseal(key, raw.get(key))
+        for crop, index in ((1, 9999), (0, -3)):  # the record itself is well formed
+            entry = entry_from_bytes(value, method_fp)
+            entry.order[crop][0] = index
+            origin_value = entry_to_bytes(entry, method_fp, ingress_origin(ingress, data))
+            raw.set(key, seal(key, origin_value))
+            served = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
+            assert not served.cache_hit and same_tokens(served, truth)
+        assert (await ingress.source.tokens(by_id(data), OPTIONS, "what?")).cache_hit
+    run(scenario, encoder_object, redis_server.url)
+
+
+def ingress_origin(ingress: VisionIngress, data: bytes):
+    from hero_core.cache import Origin
+
+    method_fp = ingress.config.method(ingress.config.default_method).compute_hash()
+    return Origin(image_digest(data), ingress.source.encoder_fp, method_fp)
+
+
+def test_with_redis_down_an_image_id_is_unavailable_and_bytes_are_served(encoder_object,
+                                                                         redis_server):
+    async def scenario(ingress, encoder):
+        data = png_bytes(7)
+        ingress.cache.metrics = counts = CountingMetrics()
+        await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
+        redis_server.stop()
+        with pytest.raises(UnavailableError, match="retry, or send the image bytes"):
+            await ingress.source.tokens(by_id(data), OPTIONS, "what?")
+        tokens = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
+        assert not tokens.cache_hit and counts.counts["error_get"] >= 2
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_bytes_that_are_not_an_image_are_refused_and_not_stored(encoder_object,
+                                                                 redis_server):
+    raw = redis.Redis(port=redis_server.port)
+
+    async def scenario(ingress, encoder):
+        junk = b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 50
+        with pytest.raises(InvalidInputError):
+            await ingress.source.tokens(by_bytes(junk), OPTIONS, "what?")
+        assert raw.get(image_key(image_digest(junk))) is None and not encoder.jobs
+    run(scenario, encoder_object, redis_server.url)

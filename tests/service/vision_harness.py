@@ -1,0 +1,74 @@
+"""The vision ingress without Ray: the real encoder class called in process, a real
+Redis, and (where a test needs one) a real language server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from services.local import free_port
+from services.vision.encoder import EncodeJob, Encoder, EncodeResult
+from tests.conftest import MODELS_DIR
+
+
+def vision_config(redis_url: str, **overrides: Any) -> dict[str, Any]:
+    """Vision args on the tiny model; the language target is a closed port by default."""
+    config: dict[str, Any] = {"model": "tiny", "models_dir": str(MODELS_DIR),
+                              "language_target": f"127.0.0.1:{free_port()}",
+                              "language_retries": 0,
+                              "cache": {"url": redis_url, "dtype": "float32"}}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    return config
+
+
+class InProcessEncoder:
+    """`EncoderClient` over an `Encoder` object; counts the images it encodes."""
+
+    def __init__(self, encoder: Encoder, delay_s: float = 0.0):
+        self.encoder, self.delay_s = encoder, delay_s
+        self.jobs: list[EncodeJob] = []
+
+    async def encode(self, job: EncodeJob) -> EncodeResult:
+        self.jobs.append(job)
+        await asyncio.sleep(self.delay_s)
+        result = await asyncio.to_thread(lambda: self.encoder.encode_now([job])[0])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def embed_question(self, question: str) -> Any:
+        return await self.encoder.embed_question(question)
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (500, 340)) -> bytes:
+    """A distinct noise picture per seed, as PNG."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Context:
+    """The part of a gRPC servicer context the ingress uses."""
+
+    def __init__(self, metadata: dict[str, str] | None = None):
+        self.metadata = metadata or {}
+        self.code_set: Any = None
+        self.details_set = ""
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return list(self.metadata.items())
+
+    def set_code(self, code: Any) -> None:
+        self.code_set = code
+
+    def set_details(self, details: str) -> None:
+        self.details_set = details
