@@ -7,6 +7,7 @@ TINY   := models/tiny/BUILD.json
 GEN    := build/gen
 PROTOS := $(shell find protos -name '*.proto')
 OUT    := out
+SCAN   := .venv-scan
 
 .PHONY: help setup kubectl test test-fast demo bench soak fidelity lint clean
 .DEFAULT_GOAL := help
@@ -20,7 +21,7 @@ help:
 	@echo "make fidelity setup, then measure pruning accuracy on real DINOv2 features (~20 min)"
 	@echo "make lint    ruff + mypy (strict on hero_core)"
 
-setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl
+setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl $(SCAN)/.installed
 
 # torch first, from its pinned CPU build, so nothing later pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -47,6 +48,13 @@ $(TINY): $(STAMP) hero_core/tiny.py
 
 # Unit and service tests bind 127.0.0.1 only. The integration tests start Ray, which
 # binds some ports on every interface, so they run in a private network namespace.
+# checkov, the deployment tests' security scanner, in a venv of its own (its pins are
+# its own business, not the services').
+$(SCAN)/.installed:
+	test -x $(SCAN)/bin/python || $(PYTHON) -m venv $(SCAN)
+	$(SCAN)/bin/python -m pip install -q checkov==3.3.30
+	touch $@
+
 # kubectl for `kubectl kustomize` in the deployment tests: PATH's, else fetched once.
 kubectl:
 	@.ci/fetch_kubectl >/dev/null
@@ -76,4 +84,4 @@ lint: setup
 	$(BIN)/mypy hero_core
 
 clean:
-	rm -rf $(VENV) models $(OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN) models $(OUT) .pytest_cache .mypy_cache .ruff_cache

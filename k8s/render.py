@@ -28,7 +28,9 @@ RAY_VERSION = "2.60.0"
 
 CLUSTER_ARGS: dict[str, Any] = {
     "models_dir": "/models",
-    "language_target": "hero-language:50052",
+    # Every language pod's address (headless Service), balanced call by call; the pods
+    # close connections after max_connection_age_s, so pods the HPA adds are found.
+    "language_target": "dns:///hero-language-headless.hero-serve.svc.cluster.local:50052",
     "cache": {"url": "redis://hero-redis:6379/0"},
 }
 GPU_ARGS: dict[str, Any] = {
@@ -63,10 +65,29 @@ def proxy_env() -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in args.proxy_env().items()]
 
 
+# Ray's object store lives in /dev/shm: each group's shm volume is at least its store
+# (a smaller shm makes Ray spill the store to disk). Bytes.
+OBJECT_STORE = {"head": 512 << 20, "worker": 1536 << 20}
+SHM = {"head": "1Gi", "worker": "2Gi"}
+
+
+def _probe(node: str, live: bool) -> dict[str, Any]:
+    """KubeRay's default Ray probes (raylet, GCS, Serve proxy), without `wget`."""
+    command = ["python", "-m", "services.healthcheck", "--ray-node", node]
+    probe: dict[str, Any] = {"exec": {"command": command + (["--live"] if live else [])},
+                             "timeoutSeconds": 5, "periodSeconds": 5 if not live else 10,
+                             "failureThreshold": 10 if not live else 120}
+    if live:
+        probe["initialDelaySeconds"] = 30
+    return probe
+
+
 def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -> dict[str, Any]:
+    node = "head" if name == "ray-head" else "worker"
     return {
         "name": name,
-        "image": "hero-serve/vision:cpu",
+        "image": "hero-serve/vision",
+        "imagePullPolicy": "IfNotPresent",
         "env": [
             {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
             *proxy_env(),
@@ -82,6 +103,8 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
                                             "optional": True}}},
         ],
         "ports": [{"name": p, "containerPort": n} for p, n in ports],
+        "readinessProbe": _probe(node, live=False),
+        "livenessProbe": _probe(node, live=True),
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
         "securityContext": {"allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
@@ -90,14 +113,16 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
     }
 
 
-def _pod(container: dict[str, Any]) -> dict[str, Any]:
+def _pod(container: dict[str, Any], node: str) -> dict[str, Any]:
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "hero-vision"}},
         "spec": {
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container],
             "volumes": [{"name": "models", "emptyDir": {"sizeLimit": "40Gi"}},
-                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+                        {"name": "shm", "emptyDir": {"medium": "Memory",
+                                                     "sizeLimit": SHM[node]}}],
         },
     }
 
@@ -106,29 +131,40 @@ def rayservice() -> dict[str, Any]:
     head = _container("ray-head", [("gcs", 6379), ("dashboard", 8265), ("client", 10001),
                                    ("serve", 8000), ("grpc", 9000), ("metrics", 8080)],
                       "1", "4Gi")
-    worker = _container("ray-worker", [("grpc", 9000), ("metrics", 8080)], "2", "8Gi")
+    worker = _container("ray-worker", [("serve", 8000), ("grpc", 9000), ("metrics", 8080)],
+                        "2", "8Gi")
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {"name": "hero-vision", "labels": {"app.kubernetes.io/name": "hero-vision"}},
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config(gpu=False), sort_keys=False),
+            # The public gRPC Service. KubeRay points it at the pods whose Serve proxy is
+            # healthy in the cluster whose app is running, and switches it to the new
+            # cluster only once that cluster serves (zero-downtime upgrades).
+            "serveService": {
+                "metadata": {"name": "hero-vision-grpc",
+                             "labels": {"app.kubernetes.io/name": "hero-vision"}},
+                "spec": {"ports": [{"name": "grpc", "port": 9000, "targetPort": 9000}]},
+            },
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120},
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
-                                       "metrics-export-port": "8080"},
-                    "template": _pod(head),
+                                       "metrics-export-port": "8080",
+                                       "object-store-memory": str(OBJECT_STORE["head"])},
+                    "template": _pod(head, "head"),
                 },
                 "workerGroupSpecs": [{
                     "groupName": "encoder",
                     "replicas": 1,
                     "minReplicas": 1,
                     "maxReplicas": 4,
-                    "rayStartParams": {"metrics-export-port": "8080"},
-                    "template": _pod(worker),
+                    "rayStartParams": {"metrics-export-port": "8080",
+                                       "object-store-memory": str(OBJECT_STORE["worker"])},
+                    "template": _pod(worker, "worker"),
                 }],
             },
         },

@@ -104,6 +104,11 @@ class LanguageConfig(BaseModel):
     """Prometheus /metrics port; 0 turns it off."""
     shutdown_grace_s: float = Field(30.0, ge=0)
     """How long in-flight calls may finish after SIGTERM."""
+    max_connection_age_s: float = Field(300.0, gt=0)
+    """Clients' connections are closed (gracefully) after this long, so clients that
+    balance over DNS (the vision service) re-resolve and reach pods added since."""
+    max_connection_age_grace_s: float = Field(600.0, ge=0)
+    """How long calls on an aged connection may still run (a long streamed answer)."""
     warmup: bool = True
     """Run one tiny generation before reporting SERVING."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

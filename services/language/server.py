@@ -247,8 +247,10 @@ async def start_server(config: LanguageConfig,
     """Bind, report NOT_SERVING, load and warm the engine in a thread, then SERVING."""
     metrics = LanguageMetrics()
     servicer = LanguageServicer(config, metrics)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20),
-                                      ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", 4 << 20), ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))])
     language_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -69,7 +69,11 @@ class VisionConfig(BaseModel):
     """CPU threads for the encoder's torch ops; 0 = every core. Ray limits a replica to
     its `num_cpus` threads otherwise, which starves a CPU encoder."""
     language_target: str = "127.0.0.1:50052"
-    """host:port of the language service."""
+    """The language service: host:port, or dns:///name:port for a headless Service whose
+    every address is a language pod (calls are then balanced over them)."""
+    language_lb_policy: Literal["round_robin", "pick_first"] = "round_robin"
+    """How calls spread over the addresses the target resolves to: round_robin balances
+    every call; pick_first keeps one connection."""
     default_method: str = "hero"
     default_retention: float = Field(0.111, gt=0, le=1)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -150,6 +150,17 @@ class RayEncoder:
                                    "retry") from exc
 
 
+def language_client(config: VisionConfig) -> LanguageClient:
+    """The client of the language service: TLS when configured, and calls spread over
+    every address the target resolves to (`language_lb_policy`)."""
+    tls = None
+    if config.language_tls_ca_file:
+        tls = channel_credentials(config.language_tls_ca_file, config.language_tls_cert_file,
+                                  config.language_tls_key_file)
+    return LanguageClient(config.language_target, credentials=tls,
+                          options=[("grpc.lb_policy_name", config.language_lb_policy)])
+
+
 class VisionIngress:
     """The public RPCs over `TokenSource` and the language client; no model weights."""
 
@@ -175,12 +186,7 @@ class VisionIngress:
             else encoder, self.cache, tiling,
             encoder_fingerprint(spec, model_config.vision_feature_layer, tiling),
             int(model_config.vision_config.hidden_size), self.metrics)
-        tls = None
-        if self.config.language_tls_ca_file:
-            tls = channel_credentials(self.config.language_tls_ca_file,
-                                      self.config.language_tls_cert_file,
-                                      self.config.language_tls_key_file)
-        self.language = LanguageClient(self.config.language_target, credentials=tls)
+        self.language = language_client(self.config)
         raw = os.environ.get(self.config.api_tokens_env, "")
         self.tokens_accepted = [t.strip().encode() for t in raw.split(",") if t.strip()]
         self._health: tuple[float, bool] = (0.0, False)

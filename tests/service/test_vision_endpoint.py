@@ -219,3 +219,48 @@ def test_every_error_the_ingress_raises_survives_pickling():
         again = pickle.loads(pickle.dumps(exc))
         assert type(again) is type(exc) and str(again) == str(exc)
         assert getattr(again, "code", None) == getattr(exc, "code", None)
+
+
+class CountingLanguage(language_pb2_grpc.LanguageServiceServicer):
+    def __init__(self):
+        self.calls = 0
+
+    async def GetModelInfo(self, request, context):
+        self.calls += 1
+        return language_pb2.ModelInfo(model="fake")
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "pick_first"])
+def test_language_calls_from_one_vision_replica_spread_over_the_servers(policy):
+    """As in Kubernetes, where the headless Service resolves to every language pod: the
+    vision service's client balances call by call (pick_first, for contrast, does not)."""
+    from services.vision.config import VisionConfig
+    from services.vision.ingress import language_client
+
+    async def main():
+        servers, fakes, ports = [], [], []
+        for _ in range(3):
+            fake, server = CountingLanguage(), grpc.aio.server()
+            language_pb2_grpc.add_LanguageServiceServicer_to_server(fake, server)
+            ports.append(server.add_insecure_port("127.0.0.1:0"))
+            await server.start()
+            servers.append(server)
+            fakes.append(fake)
+        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+        client = language_client(VisionConfig(language_target=target,
+                                              language_lb_policy=policy))
+        try:
+            for _ in range(12):
+                await client.model_info(timeout=10)
+        finally:
+            await client.close()
+            for server in servers:
+                await server.stop(0)
+        return [f.calls for f in fakes]
+
+    calls = asyncio.run(main())
+    assert sum(calls) == 12
+    if policy == "round_robin":
+        assert min(calls) >= 3, calls
+    else:
+        assert sorted(calls) == [0, 0, 12], calls
