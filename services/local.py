@@ -222,6 +222,8 @@ class LocalSystem:
                 "language_target": self.language.target, **(vision_args or {})}
         self.args = args
         self.grpc_port, self.num_cpus = grpc_port, num_cpus
+        self.metrics_port = free_port()
+        """Where Ray exports the vision service's Prometheus metrics."""
         self.app: ServeApp | None = None
 
     @property
@@ -236,7 +238,8 @@ class LocalSystem:
             self.language.start()
             cache = {**self.args.get("cache", {}), "url": url}
             self.app = ServeApp(serve_config({**self.args, "cache": cache}, self.grpc_port,
-                                             free_port()), self.num_cpus).start()
+                                             free_port()), self.num_cpus,
+                                metrics_export_port=self.metrics_port).start()
         except BaseException:
             self.stop()
             raise

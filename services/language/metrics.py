@@ -23,8 +23,6 @@ class LanguageMetrics:
         r = self.registry
         self.requests = Counter("hero_language_requests", "Generate calls by final status code",
                                 ["code"], registry=r)
-        self.errors = Counter("hero_language_errors", "Generate calls that ended in an error",
-                              ["code"], registry=r)
         self.in_flight = Gauge("hero_language_in_flight", "Generations running now", registry=r)
         self.ttft = Histogram("hero_language_ttft_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS_S, registry=r)
@@ -72,8 +70,6 @@ class LanguageMetrics:
 
     def finish(self, code: str) -> None:
         self.requests.labels(code).inc()
-        if code != "OK":
-            self.errors.labels(code).inc()
 
     def observe_generation(self, ttft_ms: float, prefill_ms: float, tokens_per_s: float,
                            completion_tokens: int) -> None:

@@ -368,7 +368,7 @@ class VisionIngress:
     def _usage(self, part: common_pb2.Usage, tokens: Tokens,
                first_ms: float) -> vision_pb2.GenerateEvent:
         sent = tokens.packed.features.numel() * tokens.packed.features.element_size()
-        self.metrics.bytes_sent.observe(sent)
+        self.metrics.sent_bytes.observe(sent)
         self.metrics.stage("ttft", first_ms)
         return vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
             language=part, vision_ms=tokens.vision_ms, queue_ms=tokens.queue_ms,

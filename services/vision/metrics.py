@@ -1,15 +1,16 @@
 """Prometheus metrics of the vision service, through Ray's metrics export.
 
 Ray Serve replicas are many processes; `ray.serve.metrics` aggregates them and every
-Ray node exposes them on its metrics export port (`ray_` prefix added by Ray), with
-the deployment and replica as tags.
+Ray node exposes them on its metrics export port (`ray_` prefix added by Ray, `_total`
+added to counters), with the deployment and replica as tags. Names follow Prometheus'
+conventions: base units (`_seconds`, `_bytes`) and one series per fact.
 """
 
 from __future__ import annotations
 
 from ray.serve import metrics
 
-MS_BUCKETS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+SECONDS_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 TOKEN_BUCKETS = [16, 32, 64, 128, 256, 320, 640, 1024, 2048, 2928, 4096]
 BYTE_BUCKETS = [1 << k for k in range(10, 27, 2)]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
@@ -24,12 +25,12 @@ class VisionMetrics:
             "corrupt, unverified, error_get, error_set, too_large, lock_lost", tag_keys=("event",))
         self.requests = metrics.Counter("hero_vision_requests", "Calls by RPC and final code",
                                         tag_keys=("rpc", "code"))
-        self.stage_ms = metrics.Histogram(
-            "hero_vision_stage_ms", "Time per stage: encode, prune, queue, vision, ttft",
-            boundaries=MS_BUCKETS, tag_keys=("stage",))
+        self.stage_seconds = metrics.Histogram(
+            "hero_vision_stage_seconds", "Time per stage: encode, queue, vision, ttft",
+            boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
         self.tokens_kept = metrics.Histogram("hero_vision_tokens_kept", "Visual tokens kept",
                                              boundaries=TOKEN_BUCKETS)
-        self.bytes_sent = metrics.Histogram("hero_vision_bytes_sent",
+        self.sent_bytes = metrics.Histogram("hero_vision_sent_bytes",
                                             "Visual-token bytes sent per request",
                                             boundaries=BYTE_BUCKETS)
         self.batch_size = metrics.Histogram("hero_vision_encoder_batch_size",
@@ -41,7 +42,8 @@ class VisionMetrics:
         self.cache.inc(1, tags={"event": event})
 
     def stage(self, stage: str, ms: float) -> None:
-        self.stage_ms.observe(ms, tags={"stage": stage})
+        """Time of one stage, given in milliseconds (as in the API), kept in seconds."""
+        self.stage_seconds.observe(ms / 1e3, tags={"stage": stage})
 
     def observe_batch(self, size: int, encode_ms: float) -> None:
         self.batch_size.observe(size)

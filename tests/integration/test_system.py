@@ -224,3 +224,23 @@ def test_an_upload_above_the_limit_is_refused_by_the_proxy_before_any_replica(sy
             list(anonymous.generate(b"\0" * (limit + (1 << 20)), Q1, timeout=60))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
         assert time.monotonic() - start < 10
+
+
+def test_the_vision_metrics_are_exported_under_their_documented_names(system):
+    """Ray exports the vision service's metrics with `ray_` in front and `_total` after
+    counters: the names the Grafana dashboard and docs use."""
+    import time
+    import urllib.request
+
+    wanted = ("ray_hero_vision_cache_events_total", "ray_hero_vision_requests_total",
+              "ray_hero_vision_stage_seconds_bucket", "ray_hero_vision_tokens_kept_bucket",
+              "ray_hero_vision_sent_bytes_bucket")
+    text, until = "", time.monotonic() + 60
+    while time.monotonic() < until:
+        url = f"http://127.0.0.1:{system.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert all(name in text for name in wanted), [n for n in wanted if n not in text]
+    assert "ray_hero_vision_stage_ms" not in text

@@ -323,7 +323,7 @@ def test_metrics_count_requests_and_errors_by_code(language_model, astronaut_tok
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         text = body.decode()
         assert 'hero_language_requests_total{code="OK"} 1.0' in text
-        assert 'hero_language_errors_total{code="INVALID_ARGUMENT"} 1.0' in text
+        assert 'hero_language_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
         assert "hero_language_ttft_seconds_count 1.0" in text
         assert "hero_language_visual_tokens_sum 320.0" in text
         assert "hero_language_kv_tokens_capacity 5000.0" in text

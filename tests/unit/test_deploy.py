@@ -410,13 +410,139 @@ def test_compose_file_matches_the_compose_spec():
     jsonschema.Draft7Validator(schema).validate(compose)
     services = compose["services"]
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"vision", "vision-gpu", "prometheus", "edge"}
+    assert published == {"vision", "vision-gpu", "prometheus", "grafana", "edge"}
+    assert not any(isinstance(s.get("networks"), dict) and "aliases" in str(s["networks"])
+                   for n, s in services.items() if not s.get("profiles"))
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
     redis_args = " ".join(services["redis"]["command"])
     assert "--maxmemory-policy allkeys-lru" in redis_args
     assert compose["networks"]["backend"]["internal"] and compose["networks"]["cache"]["internal"]
     assert set(services["language"]["networks"]) == {"backend"}
     assert set(services["redis"]["networks"]) == {"cache"}
+
+
+def compose_runs(compose: dict[str, Any]) -> dict[str, set[str]]:
+    """The services each `docker compose ... up` command of the file's header starts."""
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    runs: dict[str, set[str]] = {}
+    default = {n for n, s in compose["services"].items() if not s.get("profiles")}
+    for line in header.splitlines():
+        found = re.match(r"#\s+docker compose (?:--profile (\w+) )?up --build([\w -]*)", line)
+        if not found:
+            continue
+        profile, listed = found.group(1) or "default", found.group(2).split()
+        named = set(listed) if listed else default | {
+            n for n, s in compose["services"].items() if profile in s.get("profiles", [])}
+        runs[profile] = named
+    if "tls" in runs:  # "add edge to the gpu command's list"
+        runs["gpu+tls"] = runs["gpu"] | {"edge"}
+    return runs
+
+
+def test_every_compose_profile_is_wired_to_its_own_services():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    runs = compose_runs(compose)
+    assert set(runs) == {"default", "gpu", "tls", "gpu+tls"}
+    prometheus = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"]
+               for t in c["targets"]]
+    envoy = yaml.safe_load(compose["configs"]["envoy"]["content"])["static_resources"]
+    upstream = envoy["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]["socket_address"]
+
+    def networks(name: str) -> dict[str, Any]:
+        nets = services[name].get("networks", {})
+        return {n: {} for n in nets} if isinstance(nets, list) else nets
+
+    def reachable(host: str, source: str, names: set[str]) -> bool:
+        return any(host == other or host in (cfg or {}).get("aliases", [])
+                   for other in names for net, cfg in networks(other).items()
+                   if net in networks(source))
+
+    for run, names in runs.items():
+        for host_port in targets:  # Prometheus scrapes this run's services
+            assert reachable(host_port.split(":")[0], "prometheus", names), (run, host_port)
+        if "edge" in names:  # the TLS proxy forwards to this run's vision service
+            assert reachable(upstream["address"], "edge", names), run
+        published = [p for n in names for p in services[n].get("ports", [])]
+        assert "127.0.0.1:9000:9000" in published, run  # the header's public port
+        assert len(published) == len(set(published)), run
+        for name in names:
+            service = services[name]
+            depends = service.get("depends_on", {})
+            if isinstance(depends, list):
+                depends = {d: {} for d in depends}
+            for dependency, condition in depends.items():
+                assert dependency in names or condition.get("required") is False, (run, name)
+            if "restart" in service:  # long-running (models is a one-shot job)
+                assert "healthcheck" in service, (run, name)
+    assert {n for n, s in services.items() if "restart" not in s} == {"models"}
+
+
+def exported_metrics() -> dict[str, str]:
+    """Every series name the two services export, as Prometheus sees them: name -> kind."""
+    from ray.util import metrics as ray_metrics
+
+    from services.language.metrics import LanguageMetrics
+    from services.vision.metrics import VisionMetrics
+
+    names: dict[str, str] = {}
+    for family in LanguageMetrics().registry.collect():
+        for sample in family.samples:
+            names[sample.name] = family.type
+    for metric in vars(VisionMetrics()).values():
+        kind = {ray_metrics.Counter: "counter", ray_metrics.Histogram: "histogram",
+                ray_metrics.Gauge: "gauge"}[next(c for c in (ray_metrics.Counter,
+                                                             ray_metrics.Histogram,
+                                                             ray_metrics.Gauge)
+                                                 if isinstance(metric, c))]
+        base = "ray_" + metric._name
+        suffixes = {"counter": ["_total"], "gauge": [""],
+                    "histogram": ["_bucket", "_count", "_sum"]}[kind]
+        names.update({base + suffix: kind for suffix in suffixes})
+    return names
+
+
+def test_metrics_follow_prometheus_conventions():
+    names = exported_metrics()
+    for name, kind in names.items():
+        if name.endswith("_created"):  # prometheus_client's creation timestamps
+            continue
+        assert not re.search(r"_(ms|milliseconds|kb|mb|kib|mib)(_|$)", name), name
+        if kind == "counter":
+            assert name.endswith("_total"), name
+        time_like = re.search(r"(ttft|latency|wait|duration|prefill|step|stage)", name)
+        if kind == "histogram" and time_like:
+            assert re.search(r"_seconds_(bucket|count|sum)$", name), name
+        if "bytes" in name:
+            assert re.search(r"_bytes(_bucket|_count|_sum|_total)?$", name), name
+    families = {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in names}
+    # one series per fact: errors are requests with a code other than OK
+    assert not any(f.endswith("_errors") for f in families), families
+
+
+def test_the_grafana_dashboard_shows_what_operators_watch_from_real_metrics():
+    dashboard = json.loads((ROOT / "k8s" / "base" / "grafana-dashboard.json").read_text())
+    names = exported_metrics()
+    titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
+    for needed in ("cache hit rate", "ttft", "tokens kept", "queue wait", "batch size"):
+        assert needed in titles, needed
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used = set(re.findall(r"\b((?:ray_)?hero_[a-z_]+)", target["expr"]))
+            assert used and used <= set(names), (panel["title"], used - set(names))
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    grafana = compose["services"]["grafana"]
+    assert compose["configs"]["grafana-dashboard"]["file"] == \
+        "./k8s/base/grafana-dashboard.json"
+    targets = {c["target"] for c in grafana["configs"]}
+    assert "/var/lib/grafana/dashboards/hero-serve.json" in targets
+    provider = yaml.safe_load(compose["configs"]["grafana-dashboards"]["content"])
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    source = yaml.safe_load(compose["configs"]["grafana-datasource"]["content"])
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert uids == {d["uid"] for d in source["datasources"]}
 
 
 # ---- agreement between the deployment files and the code --------------------------------

@@ -11,8 +11,8 @@ import pytest
 from hero_core.methods import hero
 from tests.conftest import ROOT
 
-SKIP_DIRS = {".git", ".venv", "build", "models", "out", "__pycache__", ".pytest_cache",
-             ".mypy_cache", ".ruff_cache", ".hypothesis", "certs"}
+SKIP_DIRS = {".git", ".venv", ".venv-scan", "build", "models", "out", "__pycache__",
+             ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", "certs"}
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".json", ".cfg", ".txt", ".proto", ""}
 # A relative path that climbs folders, and code that climbs above the checkout's root.
 CLIMB = re.compile(r"(?:\.\./)+[\w.-]+(?:/[\w.-]+)*")
@@ -21,8 +21,16 @@ MARKDOWN_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def project_files() -> list[Path]:
+    """The repository's own files: what git tracks or would add (nothing it ignores, such
+    as virtual environments and build outputs); without git, a walk that skips those."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True)
+    candidates = ([ROOT / line for line in listed.stdout.splitlines()]
+                  if listed.returncode == 0 and listed.stdout else list(ROOT.rglob("*")))
     found = []
-    for path in ROOT.rglob("*"):
+    for path in candidates:
         rel = path.relative_to(ROOT)
         if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
             continue
