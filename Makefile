@@ -19,7 +19,7 @@ help:
 	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
 	@echo "make soak    setup, then 5 minutes of mixed traffic and faults; rewrites docs/RELIABILITY.md"
 	@echo "make fidelity setup, then measure pruning accuracy on real DINOv2 features (~20 min)"
-	@echo "make lint    ruff + mypy (strict on hero_core)"
+	@echo "make lint    ruff + mypy (strict on hero_core and services)"
 
 setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl $(SCAN)/.installed
 
@@ -77,11 +77,11 @@ soak: setup
 	.ci/isolated $(BIN)/python -m loadtest.soak --duration 300 --rate 3 --out docs/RELIABILITY.md
 
 fidelity: setup
-	$(BIN)/python -m hero_core.fidelity --out docs/FIDELITY.md
+	$(BIN)/python -m evals.fidelity --out docs/FIDELITY.md
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy hero_core
+	$(BIN)/mypy hero_core services
 
 clean:
 	rm -rf $(VENV) $(SCAN) models $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,6 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +33,6 @@ from hero_core.encoder import VisionEncoder
 from hero_core.image import to_rgb
 from hero_core.tiling import TilingSpec, normalize_crops
 
-DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "camera",
-                  "coins", "hubble_deep_field")
 """scikit-image's bundled photos (no download) used when no images are given."""
 SPEC_DEPTH = (11 / 24, 22 / 24)
 """The method spec's defaults L_obj = 11, L_art = 22 of CLIP-L's 24 layers, as depths."""
@@ -108,17 +105,6 @@ def prepare_images(images: Sequence[Image.Image], tiling: TilingSpec) -> torch.T
     crops = [np.asarray(to_rgb(im).resize((side, side), resample=resample))
              for im in images]
     return normalize_crops(np.stack(crops), tiling)
-
-
-def default_images() -> list[Image.Image]:
-    """`DEFAULT_PHOTOS` from scikit-image (grey ones as RGB)."""
-    import skimage.data
-
-    images = []
-    for name in DEFAULT_PHOTOS:
-        array = getattr(skimage.data, name)()
-        images.append(Image.fromarray(array[0] if isinstance(array, tuple) else array))
-    return images
 
 
 @contextmanager
@@ -238,30 +224,3 @@ def to_json(curves: LayerCurves, suggestion: Suggestion, config: CalibrationConf
         "split_layer": suggestion.split_layer, "object_layer": suggestion.object_layer,
         "artifact_layer": suggestion.artifact_layer, "rule": suggestion.rule,
     }
-
-
-def plot_curves(curves: LayerCurves, suggestion: Suggestion, path: Path, title: str) -> None:
-    """PNG of the three curves per layer (entropy as a share of log T) with the
-    suggested layers and the split marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = np.arange(curves.num_layers)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(layers, curves.entropy / math.log(curves.num_tokens), "o-",
-            label="CLS entropy / log T")
-    ax.plot(layers, curves.artifact_share, "s-", label="attention share on high-norm tokens")
-    ax.plot(layers, curves.topk_overlap, "^-", label="top-k overlap with last layers")
-    for at, style, name in ((suggestion.object_layer, "g--", "L_obj"),
-                            (suggestion.artifact_layer, "r--", "L_art"),
-                            (suggestion.split_layer, "k:", "split")):
-        if at is not None:
-            ax.axvline(at, color=style[0], linestyle=style[1:], label=f"{name} = {at}")
-    ax.set(xlabel="layer (0-based)", ylabel="value in [0, 1]", ylim=(-0.02, 1.05), title=title)
-    ax.set_xticks(layers)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from hero_core.config import compute_config_hash, require
+from hero_core.dtypes import DTYPES as ALL_DTYPES
+from hero_core.dtypes import MODEL_DTYPES
 from hero_core.encoder import TextEncoder, VisionEncoder
 from hero_core.errors import ModelLoadError
 from hero_core.image import PIXELS_VERSION
 from hero_core.tiling import TilingSpec
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-}
+DTYPES: dict[str, torch.dtype] = {name: ALL_DTYPES[name] for name in MODEL_DTYPES}
 
 
 @dataclasses.dataclass(frozen=True)

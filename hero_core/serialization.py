@@ -1,98 +1,88 @@
 """Versioned, checksummed bytes for token structures (wire payloads and cache values).
 
-A record is `MAGIC | u16 version | u32 header length | u32 header CRC-32 | header JSON |
-payload`. The header names the record kind, its metadata and, for every tensor, dtype,
-shape and byte span in the payload, plus a CRC-32 of the payload, so a flipped bit
-anywhere is caught. Tensors are stored raw in
-little-endian byte order, so a round trip is bit-exact for every dtype (bf16
+A record is a safetensors file (8-byte header length, JSON header, raw little-endian
+tensor data), so any safetensors reader can open one. Its metadata holds the record
+format, its kind, its JSON metadata (for cache values: what they were made from) and
+`hero.crc32`: a CRC-32 of the header's other content and one of the tensor data, so a
+flipped bit anywhere is caught. A round trip is bit-exact for every dtype (bf16
 included). Anything that does not parse raises `CorruptPayloadError`.
 """
 
 from __future__ import annotations
 
 import json
-import struct
-import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
+from hero_core.dtypes import DTYPES
 from hero_core.errors import CorruptPayloadError
 from hero_core.packing import PackedTokens
 
-MAGIC = b"HERO"
-VERSION = 2
-_PREFIX = struct.Struct("<4sHII")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
-    "uint8": torch.uint8, "bool": torch.bool, "float64": torch.float64,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
-if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
-    raise ImportError("hero_core.serialization needs a little-endian host")
+FORMAT = "hero-record-3"
+CRC_KEY = "hero.crc32"
+__all__ = ["DTYPES", "FORMAT", "decode_record", "encode_record", "packed_from_bytes",
+           "packed_to_bytes"]
 
 
 def encode_record(kind: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
     """Serialise named tensors and JSON-able metadata as one self-describing record."""
-    specs, chunks, offset = {}, [], 0
-    for name, tensor in tensors.items():
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        specs[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
-                       "offset": offset, "nbytes": len(raw)}
-        chunks.append(raw)
-        offset += len(raw)
-    payload = b"".join(chunks)
-    header = json.dumps({"kind": kind, "meta": meta, "tensors": specs,
-                         "payload_bytes": len(payload), "crc32": zlib.crc32(payload)},
-                        separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)) + header + payload
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    fields = {"hero.format": FORMAT, "hero.kind": kind,
+              "hero.meta": json.dumps(meta, separators=(",", ":"), sort_keys=True)}
+    draft = save_safetensors(tensors, metadata=fields)  # the same data, a header to sum
+    header, data_start = _header(draft)
+    fields[CRC_KEY] = f"{_header_crc(header)}:{zlib.crc32(memoryview(draft)[data_start:])}"
+    return bytes(save_safetensors(tensors, metadata=fields))
 
 
 def decode_record(data: bytes, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Parse a record of `kind`; returns (metadata, tensors). Tensors own their memory."""
-    if len(data) < _PREFIX.size:
-        raise CorruptPayloadError(f"record is {len(data)} bytes, shorter than its prefix")
-    magic, version, header_len, header_crc = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise CorruptPayloadError("record does not start with the HERO magic bytes")
-    if version != VERSION:
-        raise CorruptPayloadError(f"record version {version} is not supported (want {VERSION})")
-    start = _PREFIX.size + header_len
-    if zlib.crc32(data[_PREFIX.size:start]) != header_crc:
-        raise CorruptPayloadError("record header is truncated or fails its checksum")
+    header, data_start = _header(data)
+    fields = header.get("__metadata__") or {}
+    if not isinstance(fields, dict) or fields.get("hero.format") != FORMAT:
+        raise CorruptPayloadError(f"record is not in format {FORMAT}")
+    if fields.get("hero.kind") != kind:
+        raise CorruptPayloadError(f"record holds {fields.get('hero.kind')!r}, expected {kind!r}")
+    expected = f"{_header_crc(header)}:{zlib.crc32(memoryview(data)[data_start:])}"
+    if fields.get(CRC_KEY) != expected:
+        raise CorruptPayloadError("record is truncated or fails its checksum")
     try:
-        header = json.loads(data[_PREFIX.size:start])
-        if header["kind"] != kind:
-            raise CorruptPayloadError(f"record holds {header['kind']!r}, expected {kind!r}")
-        payload = memoryview(data)[start:]  # no copy: checked, then copied once per tensor
-        if len(payload) != header["payload_bytes"] or zlib.crc32(payload) != header["crc32"]:
-            raise CorruptPayloadError("record payload is truncated or fails its checksum")
-        tensors = {name: _tensor(payload, spec) for name, spec in header["tensors"].items()}
-        return dict(header["meta"]), tensors
-    except CorruptPayloadError:
-        raise
-    except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as exc:
+        meta = json.loads(fields["hero.meta"])
+        tensors = load_safetensors(bytes(data))
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptPayloadError(f"record does not parse: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CorruptPayloadError("record metadata is not a mapping")
+    return meta, tensors
+
+
+def _header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and where the tensor data starts."""
+    if len(data) < 8:
+        raise CorruptPayloadError(f"record is {len(data)} bytes, shorter than its prefix")
+    length = int.from_bytes(data[:8], "little")
+    if not 2 <= length <= len(data) - 8:
+        raise CorruptPayloadError("record header length does not fit the record")
+    try:
+        header = json.loads(bytes(data[8:8 + length]))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptPayloadError(f"record header is malformed: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptPayloadError("record header is not a mapping")
+    return header, 8 + length
 
 
-def _tensor(payload: memoryview, spec: dict[str, Any]) -> torch.Tensor:
-    dtype = DTYPES[spec["dtype"]]
-    shape = [int(s) for s in spec["shape"]]
-    start, nbytes = int(spec["offset"]), int(spec["nbytes"])
-    numel = 1
-    for s in shape:
-        numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if min(shape, default=0) < 0 or nbytes != numel * itemsize or start < 0 \
-            or start + nbytes > len(payload):
-        raise CorruptPayloadError(f"tensor spec {spec} does not fit the payload")
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(bytearray(payload[start:start + nbytes]), dtype=torch.uint8)
-    return raw.view(dtype).reshape(shape)
+def _header_crc(header: dict[str, Any]) -> int:
+    """CRC-32 of the header without its checksum field, in a canonical form."""
+    fields = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != CRC_KEY}
+    rest = {k: v for k, v in header.items() if k != "__metadata__"}
+    return zlib.crc32(json.dumps({"meta": fields, "tensors": rest}, sort_keys=True).encode())
 
 
 def packed_to_bytes(packed: PackedTokens, origin: dict[str, str] | None = None) -> bytes:

@@ -166,6 +166,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from evals.calibration import DEFAULT_PHOTOS, default_images, plot_curves
     from hero_core import calibrate as cal
     from hero_core.image import read_image
 
@@ -173,7 +174,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    reference_layers=args.reference_layers,
                                    share_min=args.share_min, batch_size=args.batch_size)
     paths = [p for path in args.images for p in image_files(path)]
-    images = [read_image(p, Limits()) for p in paths] if paths else cal.default_images()
+    images = [read_image(p, Limits()) for p in paths] if paths else default_images()
     encoder, tiling, _ = load_tower(args)
     pixels = cal.prepare_images(images, tiling)
     curves = cal.measure(encoder, pixels, config)
@@ -186,12 +187,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"use: --option object_layer={suggestion.object_layer} "
           f"--option artifact_layer={suggestion.artifact_layer}")
     meta = {"tower": tower, "kind": encoder.kind, "size": int(pixels.shape[-1]),
-            "images": [str(p) for p in paths] or [f"skimage.data.{n}" for n in cal.DEFAULT_PHOTOS]}
+            "images": [str(p) for p in paths] or [f"skimage.data.{n}" for n in DEFAULT_PHOTOS]}
     if args.json:
         args.json.write_text(json.dumps(cal.to_json(curves, suggestion, config, meta), indent=1))
         print(f"json: {args.json}")
     if args.plot:
-        cal.plot_curves(curves, suggestion, args.plot, f"{tower} at {pixels.shape[-1]} px")
+        plot_curves(curves, suggestion, args.plot, f"{tower} at {pixels.shape[-1]} px")
         print(f"plot: {args.plot}")
     return 0
 

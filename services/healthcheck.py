@@ -33,7 +33,7 @@ def serving(target: str, serve: bool, service: str, timeout_s: float) -> bool:
         stub = health_pb2_grpc.HealthStub(channel)
         status = stub.Check(health_pb2.HealthCheckRequest(service=service),
                             timeout=timeout_s).status
-        return status == health_pb2.HealthCheckResponse.SERVING
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
 
 RAYLET = "api/local_raylet_healthz"

@@ -123,7 +123,7 @@ class LanguageProcess:
         with grpc.insecure_channel(self.target) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1).status
-        return status == health_pb2.HealthCheckResponse.SERVING
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace_s: float = 10) -> None:
         if self.proc and self.proc.poll() is None:
@@ -138,7 +138,7 @@ class LanguageProcess:
 def serve_config(args: dict[str, Any], grpc_port: int, http_port: int,
                  path: Path = SERVE_CONFIG) -> dict[str, Any]:
     """The repo's Serve config with this run's ports and application args merged in."""
-    config = copy.deepcopy(yaml.safe_load(path.read_text()))
+    config: dict[str, Any] = copy.deepcopy(yaml.safe_load(path.read_text()))
     config["grpc_options"]["port"] = grpc_port
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     app = config["applications"][0]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from hero.common.v1 import tensor_pb2 as common_pb2
 
+from hero_core.dtypes import DTYPES
 from hero_core.errors import CorruptPayloadError, InvalidInputError, LayoutError
 from hero_core.packing import PackedTokens
 
@@ -20,15 +21,13 @@ MAX_CHUNK_BYTES = 1 << 20
 MAX_CHUNKS = 1 << 16
 """Most chunks one tensor may be split into."""
 
-FLOAT_DTYPES: dict[int, torch.dtype] = {
-    common_pb2.DTYPE_FLOAT32: torch.float32,
-    common_pb2.DTYPE_FLOAT16: torch.float16,
-    common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
-}
 DTYPE_NAMES: dict[str, int] = {
     "float32": common_pb2.DTYPE_FLOAT32, "float16": common_pb2.DTYPE_FLOAT16,
     "bfloat16": common_pb2.DTYPE_BFLOAT16, "int8": common_pb2.DTYPE_INT8,
 }
+"""Wire dtype enum by name (int8 is quantised float features, not a tensor dtype)."""
+FLOAT_DTYPES: dict[int, torch.dtype] = {
+    DTYPE_NAMES[name]: DTYPES[name] for name in ("float32", "float16", "bfloat16")}
 ELEMENT_BYTES = {common_pb2.DTYPE_FLOAT32: 4, common_pb2.DTYPE_FLOAT16: 2,
                  common_pb2.DTYPE_BFLOAT16: 2, common_pb2.DTYPE_INT8: 1}
 
@@ -104,7 +103,7 @@ class ChunkAssembler:
 
     @property
     def complete(self) -> bool:
-        return len(self.parts) == self.header.num_chunks
+        return bool(len(self.parts) == self.header.num_chunks)
 
     def add(self, chunk: common_pb2.TensorChunk) -> None:
         expected = len(self.parts)

@@ -1,9 +1,10 @@
-"""Exceptions -> gRPC status codes, in one place.
+"""Exceptions -> gRPC status codes, in one place, for both services (`status_for`).
 
-Bad input -> INVALID_ARGUMENT, missing credentials -> UNAUTHENTICATED, overload ->
-RESOURCE_EXHAUSTED, dependency down or
-draining -> UNAVAILABLE, deadline -> DEADLINE_EXCEEDED; anything else is INTERNAL
-with the request id logged, never the exception text (it may hold internals).
+Bad input -> INVALID_ARGUMENT, something unknown here -> NOT_FOUND, missing credentials
+-> UNAUTHENTICATED, overload -> RESOURCE_EXHAUSTED, dependency down or draining ->
+UNAVAILABLE, deadline -> DEADLINE_EXCEEDED, another service's own verdict
+(`UpstreamError`) -> its code; anything else is INTERNAL with the request id logged,
+never the exception text (it may hold internals).
 """
 
 from __future__ import annotations
@@ -34,8 +35,24 @@ class DeadlineError(HeroError):
     """The request's deadline passed before it finished."""
 
 
+class NotFoundError(HeroError):
+    """Something the request names is not known here (an image id, a health service)."""
+
+
+class UpstreamError(HeroError):
+    """Another service's status for this request, passed on with its code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def __reduce__(self) -> tuple[object, ...]:  # Ray pickles it from replica to proxy
+        return type(self), (self.code, self.message)
+
+
 STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -58,6 +75,8 @@ def public_details(message: str, limit: int = 1024) -> str:
 
 def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for `exc`."""
+    if isinstance(exc, UpstreamError):
+        return exc.code, public_details(exc.message)
     for cls, code in STATUS:
         if isinstance(exc, cls):
             return code, public_details(str(exc))

@@ -6,6 +6,11 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 
 from hero_core.errors import InvalidInputError, PromptTooLongError
 
+TIMEOUT_HEADER = "hero-timeout-ms"
+"""Metadata carrying a call's deadline to the vision service. Serve's gRPC proxy does not
+forward gRPC deadlines to the replicas (and does not always cancel them when one passes),
+so clients send it here too; the service then bounds its language call by it."""
+
 
 def check_generation_params(params: common_pb2.GenerationParams, max_new_tokens: int,
                             max_stop_strings: int = 8, max_stop_chars: int = 64) -> None:

@@ -15,10 +15,13 @@ from services.common.errors import OverloadedError
 
 
 class Occupancy(Protocol):
-    running: int
-    """Requests the engine runs now."""
-    room: int
-    """Places not taken by running requests (0 while the KV cache keeps one waiting)."""
+    @property
+    def running(self) -> int:
+        """Requests the engine runs now."""
+
+    @property
+    def room(self) -> int:
+        """Places not taken by running requests (0 while the KV cache keeps one waiting)."""
 
 
 class Admission:

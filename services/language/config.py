@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -65,6 +65,9 @@ class VllmConfig(BaseModel):
     """Skip CUDA graphs (faster start, slower decode)."""
 
 
+WireDType = Literal["float32", "float16", "bfloat16", "int8"]
+
+
 class LanguageConfig(BaseModel):
     """Everything the language service reads at start."""
 
@@ -89,8 +92,8 @@ class LanguageConfig(BaseModel):
     max_queue: int = Field(32, ge=0)
     """Requests that may wait for room (a batch place and KV space, or a slot); past
     that, RESOURCE_EXHAUSTED at once."""
-    accepted_dtypes: list[Literal["float32", "float16", "bfloat16", "int8"]] = Field(
-        default_factory=lambda: ["float32", "float16", "bfloat16", "int8"])
+    accepted_dtypes: list[WireDType] = Field(
+        default_factory=lambda: list(get_args(WireDType)))
     """Feature dtypes accepted on the wire."""
     tls_cert_file: Path | None = None
     """Server certificate (PEM); with `tls_key_file` the port speaks TLS only."""

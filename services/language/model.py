@@ -89,8 +89,9 @@ class LanguageModel:
 
     def prompt_ids(self, request: EngineRequest) -> torch.Tensor:
         """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder."""
-        return self.tokenizer(format_chat(self.tokenizer, request.messages),
-                              return_tensors="pt").input_ids[0]
+        ids: torch.Tensor = self.tokenizer(format_chat(self.tokenizer, request.messages),
+                                           return_tensors="pt").input_ids[0]
+        return ids
 
     def prompt_tokens(self, request: EngineRequest) -> int:
         """Length of the LLM's input: text tokens plus visual embeddings."""

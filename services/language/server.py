@@ -17,9 +17,9 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -203,7 +203,9 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.metrics.in_flight.inc()
         try:
             # closed as soon as the call ends, however it ends, so the engine lets go at once
-            async with contextlib.aclosing(self._engine().stream(request, deadline)) as events:
+            stream = cast(AsyncGenerator[Delta | Finished, None],
+                          self._engine().stream(request, deadline))  # engines are generators
+            async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise DeadlineError("the call's deadline passed; generation stopped")

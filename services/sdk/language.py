@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from hero.common.v1 import tensor_pb2 as common_pb2
@@ -20,7 +20,7 @@ from hero_core.packing import PackedTokens
 from services.common.codec import DTYPE_NAMES, MAX_CHUNK_BYTES, packed_messages
 from services.sdk.channel import AsyncChannelClient
 
-Part = common_pb2.TextDelta | common_pb2.Usage
+Part: TypeAlias = common_pb2.TextDelta | common_pb2.Usage
 
 
 def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader, dtype: str,

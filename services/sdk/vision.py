@@ -21,6 +21,7 @@ from hero.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from hero_core.packing import PackedTokens
 from services.common.codec import DTYPE_NAMES, ChunkAssembler, packed_from_layout
+from services.common.params import TIMEOUT_HEADER
 from services.sdk.channel import AsyncChannelClient
 
 ImageLike = bytes | str | Path
@@ -82,10 +83,6 @@ def bearer(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
 
-TIMEOUT_HEADER = "hero-timeout-ms"
-"""Metadata carrying the call's deadline to the vision service. Serve's gRPC proxy does not
-forward gRPC deadlines to the replicas (and does not always cancel them when one passes),
-so clients send it here too; the service then bounds its language call by it."""
 
 
 def call_metadata(metadata: list[tuple[str, str]] | None, timeout: float | None

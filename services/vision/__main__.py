@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -27,8 +28,8 @@ from services.vision.config import VisionConfig
 ENV_PREFIX = "HERO_VISION_"
 
 
-def resolve_config(path: Path, environ: dict[str, str]) -> dict:
-    config = yaml.safe_load(path.read_text())
+def resolve_config(path: Path, environ: dict[str, str]) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
     app = config["applications"][0]
     args = merge(app.get("args", {}), env_overrides(VisionConfig, ENV_PREFIX, environ))
     app["args"] = VisionConfig.model_validate(args).model_dump(mode="json")

@@ -65,8 +65,11 @@ class Encoder:
         self.metrics = VisionMetrics()
         self.images_encoded = 0
         self.lock = threading.Lock()  # one tower pass at a time per replica
-        self.encode.set_max_batch_size(self.config.batch.max_batch_size)
-        self.encode.set_batch_wait_timeout_s(self.config.batch.batch_wait_timeout_s)
+        # serve.batch adds these setters to the method; its typing does not show them
+        self.encode.set_max_batch_size(  # type: ignore[attr-defined]
+            self.config.batch.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            self.config.batch.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def encode(self, jobs: list[EncodeJob]) -> list[EncodeResult | Exception]:

@@ -29,23 +29,24 @@ from hero_core.errors import InvalidInputError
 from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
 from services.common.errors import (
+    NotFoundError,
     OverloadedError,
     UnauthenticatedError,
     UnavailableError,
+    UpstreamError,
     public_details,
     status_for,
 )
-from services.common.params import check_generation_params, turns_of
+from services.common.params import TIMEOUT_HEADER, check_generation_params, turns_of
 from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
-from services.sdk.vision import TIMEOUT_HEADER
 from services.vision.api import VISION_SERVICE, MalformedRequest
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
 from services.vision.encoder import EncodeJob, EncodeResult
 from services.vision.metrics import VisionMetrics
-from services.vision.tokens import EncoderClient, ImageNotFoundError, Tokens, TokenSource
+from services.vision.tokens import EncoderClient, Tokens, TokenSource
 
 log = logging.getLogger("hero.vision")
 HEALTH_CACHE_S = 1.0
@@ -66,7 +67,7 @@ def client_deadline(grpc_context: Any) -> float | None:
     return time.monotonic() + int(raw) / 1000
 
 
-class ServiceNotFoundError(Exception):
+class ServiceNotFoundError(NotFoundError):
     """A health check for a service this server does not have."""
 
 
@@ -91,17 +92,6 @@ class RequestFailed(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.code, self.details)
-
-
-class LanguageCallError(Exception):
-    """A failed language call, already mapped to the status the client gets."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles it from replica to proxy
-        return type(self), (self.code, self.message)
 
 
 def language_status(exc: grpc.aio.AioRpcError, deadline: float | None
@@ -164,7 +154,7 @@ def language_client(config: VisionConfig) -> LanguageClient:
 class VisionIngress:
     """The public RPCs over `TokenSource` and the language client; no model weights."""
 
-    def __init__(self, encoder: DeploymentHandle | EncoderClient, config: dict[str, Any]):
+    def __init__(self, encoder: DeploymentHandle[Any] | EncoderClient, config: dict[str, Any]):
         """`encoder`: the encoder deployment's handle (or, in tests, any `EncoderClient`)."""
         from transformers import AutoConfig
 
@@ -292,12 +282,7 @@ class VisionIngress:
         """Count the failure, set its status on the call, and return what to raise: a plain
         `RequestFailed` (Ray pickles it to the proxy; the status set here is what the
         client gets)."""
-        if isinstance(exc, LanguageCallError):  # the language service's own verdict
-            code, message = exc.code, exc.message
-        elif isinstance(exc, ImageNotFoundError | ServiceNotFoundError):
-            code, message = grpc.StatusCode.NOT_FOUND, str(exc)
-        else:
-            code, message = status_for(exc, request_id)
+        code, message = status_for(exc, request_id)
         self.metrics.requests.inc(1, tags={"rpc": rpc, "code": code.name})
         details = public_details(message)
         if grpc_context is not None:
@@ -327,7 +312,7 @@ class VisionIngress:
                 timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise LanguageCallError(*language_status(exc, deadline)) from exc
+                raise UpstreamError(*language_status(exc, deadline)) from exc
 
     async def _answer(self, request: vision_pb2.GenerateRequest, request_id: str,
                       turns: tuple[tuple[str, str], ...], tokens: Tokens, arrival: float,
@@ -360,7 +345,7 @@ class VisionIngress:
                          and attempt < self.config.language_retries
                          and (remaining(deadline) or backoff + 1) > backoff)
                 if not retry:
-                    raise LanguageCallError(code, message) from exc
+                    raise UpstreamError(code, message) from exc
                 log.warning("language service unavailable, retry %d: %s", attempt + 1,
                             exc.details())
                 await asyncio.sleep(backoff)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-SECONDS_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-TOKEN_BUCKETS = [16, 32, 64, 128, 256, 320, 640, 1024, 2048, 2928, 4096]
-BYTE_BUCKETS = [1 << k for k in range(10, 27, 2)]
-BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
+SECONDS_BUCKETS: list[float] = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                2.5, 5, 10, 30]
+TOKEN_BUCKETS: list[float] = [16, 32, 64, 128, 256, 320, 640, 1024, 2048, 2928, 4096]
+BYTE_BUCKETS: list[float] = [float(1 << k) for k in range(10, 27, 2)]
+BATCH_BUCKETS: list[float] = [1, 2, 3, 4, 6, 8, 12, 16, 32]
 
 
 class VisionMetrics:
@@ -23,8 +24,9 @@ class VisionMetrics:
         self.cache = metrics.Counter(
             "hero_vision_cache_events", "Token cache events: hit, miss, coalesced, "
             "corrupt, unverified, error_get, error_set, too_large, lock_lost", tag_keys=("event",))
+        # ray annotates tag_keys as a 1-tuple; any tuple of names is accepted
         self.requests = metrics.Counter("hero_vision_requests", "Calls by RPC and final code",
-                                        tag_keys=("rpc", "code"))
+                                        tag_keys=("rpc", "code"))  # type: ignore[arg-type]
         self.stage_seconds = metrics.Histogram(
             "hero_vision_stage_seconds", "Time per stage: encode, queue, vision, ttft",
             boundaries=SECONDS_BUCKETS, tag_keys=("stage",))

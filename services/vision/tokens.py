@@ -35,7 +35,6 @@ from hero_core.cache import (
 from hero_core.config import Limits
 from hero_core.errors import (
     CorruptPayloadError,
-    HeroError,
     ImageSizeError,
     InvalidInputError,
     LayoutError,
@@ -47,7 +46,7 @@ from hero_core.packing import PackedTokens, check_packed
 from hero_core.pipeline import check_ratio
 from hero_core.serialization import packed_from_bytes
 from hero_core.tiling import TilingSpec, plan_grid, tile_image
-from services.common.errors import UnavailableError
+from services.common.errors import NotFoundError, UnavailableError
 from services.common.store import StoreError
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
@@ -65,7 +64,7 @@ class EncoderClient(Protocol):
     async def embed_question(self, question: str) -> torch.Tensor | None: ...
 
 
-class ImageNotFoundError(HeroError):
+class ImageNotFoundError(NotFoundError):
     """An image id the service no longer (or never) had."""
 
 

@@ -13,8 +13,9 @@ from hero.language.v1 import language_pb2, language_pb2_grpc
 from hero.vision.v1 import vision_pb2
 
 from services.common.errors import public_details
+from services.common.params import TIMEOUT_HEADER
 from services.local import RedisProcess
-from services.sdk.vision import TIMEOUT_HEADER, generate_request
+from services.sdk.vision import generate_request
 from services.vision.api import MalformedRequest, lenient
 from services.vision.encoder import Encoder
 from services.vision.ingress import RequestFailed, VisionIngress
@@ -208,11 +209,16 @@ def test_every_error_the_ingress_raises_survives_pickling():
     reaches the client as INTERNAL with Ray's reprs in the details."""
     import pickle
 
-    from services.common.errors import DeadlineError, OverloadedError, UnavailableError
-    from services.vision.ingress import LanguageCallError, ServiceNotFoundError
+    from services.common.errors import (
+        DeadlineError,
+        OverloadedError,
+        UnavailableError,
+        UpstreamError,
+    )
+    from services.vision.ingress import ServiceNotFoundError
     from services.vision.tokens import ImageNotFoundError
 
-    for exc in (LanguageCallError(grpc.StatusCode.UNAVAILABLE, "language service: gone"),
+    for exc in (UpstreamError(grpc.StatusCode.UNAVAILABLE, "language service: gone"),
                 ServiceNotFoundError("x"), ImageNotFoundError("y"), DeadlineError("z"),
                 OverloadedError("o"), UnavailableError("u"),
                 RequestFailed(grpc.StatusCode.INTERNAL, "internal error (request id 1)")):

@@ -30,3 +30,31 @@ def test_release_is_idempotent_and_gives_the_place_back():
     admission.reserve()
     with pytest.raises(OverloadedError, match="max_queue=0"):
         admission.reserve()
+
+
+def test_one_error_map_gives_every_status_both_services_use():
+    import grpc
+
+    from hero_core.errors import InvalidInputError
+    from services.common.errors import (
+        DeadlineError,
+        NotFoundError,
+        OverloadedError,
+        UnauthenticatedError,
+        UnavailableError,
+        UpstreamError,
+        status_for,
+    )
+
+    cases = {InvalidInputError("a"): grpc.StatusCode.INVALID_ARGUMENT,
+             NotFoundError("b"): grpc.StatusCode.NOT_FOUND,
+             OverloadedError("c"): grpc.StatusCode.RESOURCE_EXHAUSTED,
+             UnauthenticatedError("d"): grpc.StatusCode.UNAUTHENTICATED,
+             UnavailableError("e"): grpc.StatusCode.UNAVAILABLE,
+             DeadlineError("f"): grpc.StatusCode.DEADLINE_EXCEEDED,
+             UpstreamError(grpc.StatusCode.FAILED_PRECONDITION, "g"):
+                 grpc.StatusCode.FAILED_PRECONDITION}
+    for exc, code in cases.items():
+        assert status_for(exc, "r1") == (code, str(exc))
+    code, message = status_for(KeyError("secret internals"), "r2")
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in message and "r2" in message

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from evals.calibration import default_images
 from hero_core.calibrate import (
     SPEC_DEPTH,
     CalibrationConfig,
     LayerCurves,
     batch_stats,
-    default_images,
     entropy,
     measure,
     prepare_images,

@@ -7,10 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from hero_core.dinov2 import dinov2_tiling
-from hero_core.encoder import VisionEncoder
-from hero_core.fidelity.answer_model import AnswerModel, AnswerModelConfig, pad_batch
-from hero_core.fidelity.data import (
+from evals.fidelity.answer_model import AnswerModel, AnswerModelConfig, pad_batch
+from evals.fidelity.data import (
     POSITIONS,
     SHAPES,
     MosaicConfig,
@@ -19,8 +17,8 @@ from hero_core.fidelity.data import (
     render_cell,
     render_mosaic,
 )
-from hero_core.fidelity.evaluation import MethodSpec, choose_tokens, select_split
-from hero_core.fidelity.features import (
+from evals.fidelity.evaluation import MethodSpec, choose_tokens, select_split
+from evals.fidelity.features import (
     CropEncoder,
     CropStore,
     FeatureSettings,
@@ -28,7 +26,9 @@ from hero_core.fidelity.features import (
     fit_projection,
     weights_fingerprint,
 )
-from hero_core.fidelity.run import random_tower
+from evals.fidelity.run import random_tower
+from hero_core.dinov2 import dinov2_tiling
+from hero_core.encoder import VisionEncoder
 from hero_core.tiling import normalize_crops, tile_image
 
 SIZES = SplitSizes(train_mosaics=6, val_mosaics=2, test_mosaics=3, train_cells=8, val_cells=4,

@@ -17,9 +17,8 @@ import torch
 from lmms_eval.api.instance import Instance
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-from hero_core.errors import ConfigError, InvalidInputError
-from hero_core.eval import lmms
-from hero_core.eval.answerer import (
+from evals.lmms import lmms
+from evals.lmms.answerer import (
     Answerer,
     AnswererConfig,
     GenerationSettings,
@@ -28,6 +27,7 @@ from hero_core.eval.answerer import (
     settings_from_gen_kwargs,
     spec_for,
 )
+from hero_core.errors import ConfigError, InvalidInputError
 from hero_core.methods import create_method
 from tests.conftest import ROOT, noise_image
 

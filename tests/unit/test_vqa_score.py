@@ -28,9 +28,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evals.lmms.answers import CONTRACTIONS, normalise_answer, normalise_vqav2_answer
+from evals.lmms.vqa import parse_record, parse_yes_no, read_records, score_records
 from hero_core.errors import InvalidInputError
-from hero_core.eval.answers import CONTRACTIONS, normalise_answer, normalise_vqav2_answer
-from hero_core.eval.vqa import parse_record, parse_yes_no, read_records, score_records
 from tests.conftest import ROOT
 
 LMMS = Path(importlib.util.find_spec("lmms_eval").submodule_search_locations[0])
@@ -288,7 +288,7 @@ def test_command_line_scores_a_mixed_file(tmp_path):
             {"question_id": 2, "answers": ["left"], "prediction": "Left"},
             {"question_id": 3, "answers": ["right"], "prediction": "left"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, "-m", "hero_core.eval.vqa", str(path), "--task",
+    out = subprocess.run([sys.executable, "-m", "evals.lmms.vqa", str(path), "--task",
                           "gqa"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
@@ -315,7 +315,7 @@ def test_logged_lmms_samples_become_scorable_records(tmp_path, task, expected):
     samples, docs, out = tmp_path / "samples.jsonl", tmp_path / "docs.jsonl", tmp_path / "r.jsonl"
     samples.write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
     docs.write_text("".join(json.dumps(d) + "\n" for d in DOCS[task]))
-    made = subprocess.run([sys.executable, "-m", "hero_core.eval.samples", str(samples),
+    made = subprocess.run([sys.executable, "-m", "evals.lmms.samples", str(samples),
                            str(docs), "--task", task, "-o", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
@@ -329,7 +329,7 @@ def test_samples_of_another_task_are_refused_by_name(tmp_path):
     samples, docs = tmp_path / "samples.jsonl", tmp_path / "docs.jsonl"
     samples.write_text(json.dumps(SAMPLES[1]) + "\n")
     docs.write_text(json.dumps(DOCS["gqa"][0]) + "\n")
-    out = subprocess.run([sys.executable, "-m", "hero_core.eval.samples", str(samples),
+    out = subprocess.run([sys.executable, "-m", "evals.lmms.samples", str(samples),
                           str(docs), "--task", "mme", "-o", str(tmp_path / "r.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "lacks the mme field 'question_id'" in out.stderr

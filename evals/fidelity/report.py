@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hero_core.fidelity.conclusions import conclusions
-from hero_core.fidelity.evaluation import KINDS, Result, paired, verdict
-from hero_core.fidelity.report_text import static_sections
-from hero_core.fidelity.suite import BASELINES, SWEEP_MODES
+from evals.fidelity.conclusions import conclusions
+from evals.fidelity.evaluation import KINDS, Result, paired, verdict
+from evals.fidelity.report_text import static_sections
+from evals.fidelity.suite import BASELINES, SWEEP_MODES
 
 
 @dataclasses.dataclass

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from hero_core.encoder import EncodedCrops
-from hero_core.fidelity.answer_model import (
+from evals.fidelity.answer_model import (
     AnswerModel,
     AnswerModelConfig,
     TokenBatch,
@@ -25,7 +24,8 @@ from hero_core.fidelity.answer_model import (
     pad_batch,
     predict,
 )
-from hero_core.fidelity.features import CropTable, EncodedSplit, TokenProjection
+from evals.fidelity.features import CropTable, EncodedSplit, TokenProjection
+from hero_core.encoder import EncodedCrops
 from hero_core.methods import PruningMethod, create_method
 from hero_core.packing import Selection, pack_tokens
 from hero_core.tiling import TileGrid

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evals.fidelity.data import Mosaic, MosaicConfig, object_mask, render_cell, render_mosaic
 from hero_core.config import compute_config_hash
 from hero_core.encoder import EncodedCrops, VisionEncoder
-from hero_core.fidelity.data import Mosaic, MosaicConfig, object_mask, render_cell, render_mosaic
 from hero_core.tiling import TileGrid, TilingSpec, tile_image
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "hero-serve" / "fidelity"

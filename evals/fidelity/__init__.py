@@ -4,5 +4,5 @@ A small high-resolution VQA task (2x2 mosaics of easy-VQA images, `data`) goes
 through the real AnyRes tiling and a real DINOv2 ViT-S/14 once (`features`, cached
 per crop); a small answer model is trained on all tokens (`answer_model`) and then
 evaluated on the tokens each method keeps (`evaluation`). `run` ties it together and
-`report` writes docs/FIDELITY.md. Entry point: `python -m hero_core.fidelity`.
+`report` writes docs/FIDELITY.md. Entry point: `python -m evals.fidelity`.
 """

@@ -15,7 +15,7 @@ delegates to them.
 
 lmms-eval finds models through its registry (`lmms_eval.models.MODEL_REGISTRY_V2`),
 filled from its built-in table and the `lmms_eval.models` entry-point group.
-`python -m hero_core.eval.lmms ARGS` registers this model and then runs lmms-eval's
+`python -m evals.lmms.lmms ARGS` registers this model and then runs lmms-eval's
 own command line with ARGS; `model_manifest` is the entry-point payload. Model args:
 the fields of `AnswererConfig` with `pretrained` for `model`, e.g.
 `--model hero_llava_next --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,
@@ -31,18 +31,18 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hero_core.errors import ConfigError
-from hero_core.eval.answerer import (
+from evals.lmms.answerer import (
     Answerer,
     AnswererConfig,
     load_answerer,
     settings_from_gen_kwargs,
     single_image,
 )
+from hero_core.errors import ConfigError
 
 MODEL_ID = "hero_llava_next"
 CLASS_NAME = "HeroLlavaNext"
-CLASS_PATH = f"hero_core.eval.lmms.{CLASS_NAME}"
+CLASS_PATH = f"evals.lmms.lmms.{CLASS_NAME}"
 """Where lmms-eval imports the class from (not `__name__`, which is `__main__` under -m)."""
 LOG_EVERY = 100
 """Requests between progress lines."""

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from evals.fidelity.data import question_words
 from hero_core.config import require
-from hero_core.fidelity.data import question_words
 
 PAD, UNKNOWN = 0, 1
 

@@ -3,7 +3,7 @@
 `Answerer` runs LLaVA-NeXT the way the serving path does (tile, encode, select with a
 pruning method at a retention, pack, scatter into the prompt) and adds what
 benchmark harnesses ask for: greedy generation bounded by `max_new_tokens` and cut at
-stop strings, and the loss of a given continuation. `hero_core.eval.lmms` wraps it
+stop strings, and the loss of a given continuation. `evals.lmms.lmms` wraps it
 for lmms-eval; nothing here imports lmms-eval.
 """
 

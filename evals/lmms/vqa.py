@@ -21,7 +21,7 @@ Rules, each the one lmms-eval's task applies (predictions are stripped first, as
 lmms-eval's task does before scoring):
 
 * `vqav2`, `textvqa`: VQA accuracy over the human answers after answer normalisation
-  (`hero_core.eval.answers`): leaving each answer out in turn, the prediction scores
+  (`evals.lmms.answers`): leaving each answer out in turn, the prediction scores
   min(1, matches among the others / 3); the record's accuracy is the mean. TextVQA
   applies the full EvalAI processing, VQAv2 all but its word step.
 * `gqa`: exact match after lower-casing and deleting ASCII punctuation.
@@ -31,7 +31,7 @@ lmms-eval's task does before scoring):
   images of accuracy + accuracy+ (both questions right), summed over the perception
   and the cognition categories (maxima 2000 and 800).
 
-`python -m hero_core.eval.vqa FILE.jsonl... [--task T]` prints the metrics as JSON.
+`python -m evals.lmms.vqa FILE.jsonl... [--task T]` prints the metrics as JSON.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from evals.lmms.answers import normalise_answer, normalise_vqav2_answer
 from hero_core.errors import InvalidInputError
-from hero_core.eval.answers import normalise_answer, normalise_vqav2_answer
 
 
 @dataclasses.dataclass(frozen=True)

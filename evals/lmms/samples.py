@@ -1,4 +1,4 @@
-"""Turn lmms-eval's logged samples into scorer records (`hero_core.eval.vqa` JSONL).
+"""Turn lmms-eval's logged samples into scorer records (`evals.lmms.vqa` JSONL).
 
 `lmms_eval --log_samples` writes one `*_samples_<task>.jsonl` per task whose lines
 hold `doc_id` and the model's answer (`filtered_resps`) but not the document, so the
@@ -9,9 +9,9 @@ human answers come from the task's dataset split, exported once to JSON Lines:
 (PATH, NAME and SPLIT are the task YAML's `dataset_path`, `dataset_name` and
 `test_split`; line i of DOCS is document `doc_id` i.) Then
 
-    python -m hero_core.eval.samples SAMPLES.jsonl DOCS.jsonl --task textvqa -o OUT.jsonl
+    python -m evals.lmms.samples SAMPLES.jsonl DOCS.jsonl --task textvqa -o OUT.jsonl
 
-writes records that `python -m hero_core.eval.vqa OUT.jsonl` scores.
+writes records that `python -m evals.lmms.vqa OUT.jsonl` scores.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from evals.lmms.vqa import TASKS
 from hero_core.errors import InvalidInputError
-from hero_core.eval.vqa import TASKS
 
 Doc = Mapping[str, Any]
 
@@ -50,7 +50,7 @@ def prediction_of(sample: Mapping[str, Any]) -> str:
 
 
 def record_of(sample: Mapping[str, Any], docs: Sequence[Doc], task: str) -> dict[str, Any]:
-    """The scorer record (see `hero_core.eval.vqa`) of one logged sample."""
+    """The scorer record (see `evals.lmms.vqa`) of one logged sample."""
     doc_id = sample.get("doc_id")
     if not (isinstance(doc_id, int) and 0 <= doc_id < len(docs)):
         raise InvalidInputError(f"doc_id {doc_id!r} is not a line of the documents file "

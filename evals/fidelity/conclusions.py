@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hero_core.fidelity.evaluation import KINDS, Result, paired, verdict
-from hero_core.fidelity.suite import BASELINES, SWEEP_MODES, UNIFORM_LABEL
+from evals.fidelity.evaluation import KINDS, Result, paired, verdict
+from evals.fidelity.suite import BASELINES, SWEEP_MODES, UNIFORM_LABEL
 
 PHRASE = {"ahead": "ahead of", "level": "level with", "behind": "behind"}
 

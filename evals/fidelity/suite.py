@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hero_core.fidelity.evaluation import MethodSpec
+from evals.fidelity.evaluation import MethodSpec
 from hero_core.methods.hero import EQUAL_BUDGETS_TEMPERATURE
 
 BASELINES = ("random", "fastervlm", "hired", "visionzip", "globalcom2")

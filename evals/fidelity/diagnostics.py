@@ -9,7 +9,7 @@ tokens pass HERO's artifact test (attention >= `artifact_factor` x the mean).
 
 from __future__ import annotations
 
-from hero_core.fidelity.features import CropTable, EncodedSplit
+from evals.fidelity.features import CropTable, EncodedSplit
 
 
 def attention_by_depth(table: CropTable, split: EncodedSplit,

@@ -1,6 +1,6 @@
 """The whole benchmark: build the task, encode it once, train, evaluate, write the report.
 
-`python -m hero_core.fidelity --out docs/FIDELITY.md` runs it at the documented size
+`python -m evals.fidelity --out docs/FIDELITY.md` runs it at the documented size
 (`make fidelity`); `--quick` runs a small version in a minute or two.
 """
 
@@ -19,11 +19,10 @@ from typing import TypeVar
 
 import torch
 
-from hero_core.encoder import VisionEncoder
-from hero_core.fidelity.answer_model import AnswerModel, AnswerModelConfig, Vocabulary, train_model
-from hero_core.fidelity.data import MosaicConfig, SplitSizes, answer_vocabulary, build_splits
-from hero_core.fidelity.diagnostics import attention_by_depth
-from hero_core.fidelity.evaluation import (
+from evals.fidelity.answer_model import AnswerModel, AnswerModelConfig, Vocabulary, train_model
+from evals.fidelity.data import MosaicConfig, SplitSizes, answer_vocabulary, build_splits
+from evals.fidelity.diagnostics import attention_by_depth
+from evals.fidelity.evaluation import (
     MethodSpec,
     QuestionTable,
     Result,
@@ -32,7 +31,7 @@ from hero_core.fidelity.evaluation import (
     prior_accuracy,
     training_batches,
 )
-from hero_core.fidelity.features import (
+from evals.fidelity.features import (
     DEFAULT_CACHE_DIR,
     CropEncoder,
     CropStore,
@@ -44,8 +43,8 @@ from hero_core.fidelity.features import (
     fit_projection,
     weights_fingerprint,
 )
-from hero_core.fidelity.report import Findings, write_report
-from hero_core.fidelity.suite import (
+from evals.fidelity.report import Findings, write_report
+from evals.fidelity.suite import (
     SWEEP_MODES,
     TowerLayers,
     ablation_specs,
@@ -54,6 +53,7 @@ from hero_core.fidelity.suite import (
     reference_specs,
     sweep_specs,
 )
+from hero_core.encoder import VisionEncoder
 
 T = TypeVar("T")
 
@@ -225,7 +225,7 @@ def machine() -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hero_core.fidelity", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m evals.fidelity", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/FIDELITY.md"))
     parser.add_argument("--plot", type=Path, default=None,
                         help="accuracy plot (default: fidelity-accuracy.png beside --out)")
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     timings["total"] = time.perf_counter() - start
     findings = Findings.collect(config=config, data=data, tables=tables, losses=losses,
                                 timings=timings, machine=host, tower=source, layers=layers,
-                                command=" ".join(["python -m hero_core.fidelity",
+                                command=" ".join(["python -m evals.fidelity",
                                                   *(argv if argv is not None else sys.argv[1:])]))
     with saved.open("wb") as file:
         pickle.dump(findings, file)

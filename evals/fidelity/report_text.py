@@ -196,7 +196,7 @@ with artifact tokens.
 This task tests HERO's token choices on a real tower, not LLaVA-NeXT. For the real
 thing, [EVAL.md](EVAL.md) gives the commands: our `hero_llava_next` model in lmms-eval
 runs LLaVA-NeXT-7B through any method of the registry at any retention on MME, TextVQA,
-GQA and POPE, and `python -m hero_core.eval.vqa` scores the logged samples with
+GQA and POPE, and `python -m evals.lmms.vqa` scores the logged samples with
 lmms-eval's rules. It needs a GPU and the hub; nothing of it has run here beyond the
 tiny model.
 """
