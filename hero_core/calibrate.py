@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hero_core.config import require
+from hero_core.config import CalibrationConfig, require
 from hero_core.encoder import VisionEncoder
 from hero_core.image import to_rgb
 from hero_core.tiling import TilingSpec, normalize_crops
@@ -42,30 +42,6 @@ SPLIT_RULE = (
     "artifact share (earliest on ties). Without a split, no artifact stage exists and "
     "L_obj, L_art keep the spec's depths round(L*11/24), round(L*22/24)")
 """The rule `suggest_layers` applies, printed with every suggestion."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationConfig:
-    """Settings of the calibration; all of them change the curves or the suggestion."""
-
-    norm_std_factor: float = 3.0
-    """k: a token is high-norm when its hidden-state norm > mean + k * std (per image, layer)."""
-    top_k: int = 10
-    """Size of the CLS-attention top sets compared across layers."""
-    reference_layers: int = 2
-    """How many final layers' mean CLS row defines the reference top-k set."""
-    share_min: float = 0.5
-    """The artifact stage starts where at least this share of CLS attention is on
-    high-norm tokens."""
-    batch_size: int = 4
-    """Images per tower pass (bounds memory, not results)."""
-
-    def __post_init__(self) -> None:
-        require(self.norm_std_factor > 0, "norm_std_factor must be > 0")
-        require(self.top_k > 0, "top_k must be > 0")
-        require(self.reference_layers > 0, "reference_layers must be > 0")
-        require(0.0 < self.share_min <= 1.0, "share_min must be in (0, 1]")
-        require(self.batch_size > 0, "batch_size must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

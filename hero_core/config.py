@@ -18,6 +18,10 @@ from typing import Any
 
 from hero_core.errors import ConfigError
 
+METHOD_NAMES = ("hero", "full", "random", "fastervlm", "hired", "visionzip", "globalcom2")
+"""The pruning methods' names (`hero_core.methods.METHODS` has their classes), here so a
+command line can list them without importing torch."""
+
 
 def compute_config_hash(config: Any) -> str:
     """A 16-hex-digit fingerprint of the output-affecting fields of a dataclass.
@@ -93,3 +97,27 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """Settings of the calibration; all of them change the curves or the suggestion."""
+
+    norm_std_factor: float = 3.0
+    """k: a token is high-norm when its hidden-state norm > mean + k * std (per image, layer)."""
+    top_k: int = 10
+    """Size of the CLS-attention top sets compared across layers."""
+    reference_layers: int = 2
+    """How many final layers' mean CLS row defines the reference top-k set."""
+    share_min: float = 0.5
+    """The artifact stage starts where at least this share of CLS attention is on
+    high-norm tokens."""
+    batch_size: int = 4
+    """Images per tower pass (bounds memory, not results)."""
+
+    def __post_init__(self) -> None:
+        require(self.norm_std_factor > 0, "norm_std_factor must be > 0")
+        require(self.top_k > 0, "top_k must be > 0")
+        require(self.reference_layers > 0, "reference_layers must be > 0")
+        require(0.0 < self.share_min <= 1.0, "share_min must be in (0, 1]")
+        require(self.batch_size > 0, "batch_size must be > 0")

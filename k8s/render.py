@@ -97,6 +97,10 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
             {"name": "HERO_API_TOKENS",
              "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens",
                                             "optional": True}}},
+            # The token the language service accepts (same secret as its HERO_INTERNAL_TOKENS).
+            {"name": "HERO_INTERNAL_TOKEN",
+             "valueFrom": {"secretKeyRef": {"name": "hero-internal-token", "key": "token",
+                                            "optional": True}}},
             # Key of the cache entries' HMAC; without the secret entries carry no MAC.
             {"name": "HERO_CACHE_SECRET",
              "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret",

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hero_core.config import Limits
+from hero_core.config import METHOD_NAMES, Limits
 from hero_core.errors import ConfigError, HeroError, InvalidInputError
-from hero_core.methods import METHODS
 
 if TYPE_CHECKING:
     from hero_core.encoder import TextEncoder, VisionEncoder
@@ -168,9 +167,10 @@ def print_report(report: dict[str, Any]) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from evals.calibration import DEFAULT_PHOTOS, default_images, plot_curves
     from hero_core import calibrate as cal
+    from hero_core.config import CalibrationConfig
     from hero_core.image import read_image
 
-    config = cal.CalibrationConfig(norm_std_factor=args.norm_std_factor, top_k=args.top_k,
+    config = CalibrationConfig(norm_std_factor=args.norm_std_factor, top_k=args.top_k,
                                    reference_layers=args.reference_layers,
                                    share_min=args.share_min, batch_size=args.batch_size)
     paths = [p for path in args.images for p in image_files(path)]
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("image", type=Path)
     prune.add_argument("--question", "-q", default="", help="question that guides tile budgets")
     prune.add_argument("--ratio", "-r", type=float, default=0.111, help="retention in (0, 1]")
-    prune.add_argument("--method", "-m", default="hero", choices=sorted(METHODS))
+    prune.add_argument("--method", "-m", default="hero", choices=sorted(METHOD_NAMES))
     prune.add_argument("--viz", type=Path, help="write a PNG of the kept tokens here")
     prune.add_argument("--json", action="store_true", help="print one JSON object")
     prune.add_argument("--max-image-pixels", type=int, default=Limits().max_image_pixels)
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("image", type=Path, nargs="?", help="image file (or use --image-id)")
     ask.add_argument("question")
     ask.add_argument("--image-id", help="id from an earlier answer, instead of the file")
-    ask.add_argument("--target", default="127.0.0.1:9000", help="VisionService host:port")
-    ask.add_argument("--method", "-m", choices=sorted(METHODS))
+    ask.add_argument("--target", default=os.environ.get("HERO_TARGET", "127.0.0.1:9000"),
+                     help="VisionService host:port (env HERO_TARGET)")
+    ask.add_argument("--method", "-m", choices=sorted(METHOD_NAMES))
     ask.add_argument("--retention", "-r", type=float)
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--timeout", type=float, default=300.0)
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_calibrate_parser(sub: Any) -> None:
-    from hero_core.calibrate import CalibrationConfig
+    from hero_core.config import CalibrationConfig
 
     default = CalibrationConfig()
     cal = sub.add_parser("calibrate", help="measure a tower's CLS-attention stages per layer "

@@ -25,8 +25,10 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
+from services.vision.runner import ROOT, SERVE_CONFIG, ServeApp
+
+__all__ = ["ROOT", "SERVE_CONFIG", "LanguageProcess", "LocalSystem", "RedisProcess",
+           "ServeApp", "free_port", "serve_config", "wait_for"]
 
 
 def free_port() -> int:
@@ -148,62 +150,6 @@ def serve_config(args: dict[str, Any], grpc_port: int, http_port: int,
         else:
             app["args"][key] = value
     return config
-
-
-class ServeApp:
-    """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app."""
-
-    def __init__(self, config: dict[str, Any], num_cpus: int | None = None,
-                 metrics_export_port: int | None = None):
-        self.config = config
-        self.num_cpus = num_cpus
-        self.metrics_export_port = metrics_export_port
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.config['grpc_options']['port']}"
-
-    def start(self, timeout_s: float = 300) -> ServeApp:
-        import ray
-        from ray.serve._private import api as serve_api
-        from ray.serve.config import gRPCOptions
-        from ray.serve.schema import ServeDeploySchema
-
-        from services.vision.config import VisionConfig
-
-        schema = ServeDeploySchema.model_validate(self.config)
-        # Serve's proxy reads its message bound from the environment when it starts.
-        proxy_env = VisionConfig.model_validate(schema.applications[0].args).proxy_env()
-        os.environ.update(proxy_env)
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
-                 _node_ip_address="127.0.0.1", log_to_driver=False,
-                 _metrics_export_port=self.metrics_export_port,
-                 runtime_env={"working_dir": None,
-                              "env_vars": {"PYTHONPATH": str(ROOT), **proxy_env}},
-                 ignore_reinit_error=True)
-        # The same path as `serve run serve_config.yaml` and KubeRay's serveConfigV2.
-        client = serve_api.serve_start(
-            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
-            grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
-        client.deploy_apps(schema, _blocking=False)
-        wait_for(self.running, timeout_s, "vision service (Ray Serve)")
-        return self
-
-    def running(self) -> bool:
-        from ray import serve
-
-        status = serve.status().applications.get("hero")
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"vision app failed to deploy: {status.message}")
-        return status is not None and status.status == "RUNNING"
-
-    def stop(self) -> None:
-        import ray
-        from ray import serve
-
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
 
 
 class LocalSystem:

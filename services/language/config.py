@@ -100,6 +100,10 @@ class LanguageConfig(BaseModel):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     """CA of client certificates; set it to require mutual TLS (the vision service's)."""
+    api_tokens_env: str = "HERO_INTERNAL_TOKENS"
+    """Environment variable (from a secret) with the comma-separated bearer tokens the
+    LanguageService accepts; unset or empty turns authentication off (health and
+    reflection never need one)."""
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl, Postman)."""
     metrics_host: str = "127.0.0.1"

@@ -28,6 +28,7 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.errors import InvalidInputError
+from services.common.auth import BearerTokens
 from services.common.codec import (
     DTYPE_NAMES,
     ChunkAssembler,
@@ -109,10 +110,15 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.engine: Engine | None = None
         self.admission = Admission(config.max_queue, self._occupancy, self._describe)
         self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
+        self.auth = BearerTokens.from_env(config.api_tokens_env)
 
     async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> language_pb2.ModelInfo:
-        engine = self._engine()
+        try:
+            self._authorize(context)
+            engine = self._engine()
+        except Exception as exc:
+            await context.abort(*status_for(exc, "model-info"))
         return language_pb2.ModelInfo(
             model=engine.info.model, feature_dim=engine.info.feature_dim,
             tokens_per_side=engine.info.tiling.side, accepted_dtypes=sorted(self.accepted),
@@ -124,6 +130,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         """Generate's checks of the prompt and parameters, on the smallest image layout."""
         request_id = header.request_id[:128] or uuid.uuid4().hex
         try:
+            self._authorize(context)
             engine = self._engine()
             packed = smallest_packed(engine.info.tiling, engine.info.feature_dim)
             engine.check(EngineRequest(request_id, packed, messages_of(header, self.limits),
@@ -133,6 +140,9 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             code, message = status_for(exc, request_id)
             await context.abort(code, message)
         return language_pb2.ValidateResponse()
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        self.auth.check(dict(context.invocation_metadata() or ()))
 
     def _occupancy(self) -> EngineStats:
         return EngineStats(0, 0, 0) if self.engine is None else self.engine.stats()
@@ -155,6 +165,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                        ) -> AsyncIterator[language_pb2.GenerateResponse]:
         arrival, request_id, code = time.perf_counter(), "-", grpc.StatusCode.OK
         try:
+            self._authorize(context)
             header = await _next(request_iterator, "header")
             request_id = header.request_id[:128] or uuid.uuid4().hex
             ticket = self.admission.reserve()  # refuse at once when full

@@ -17,6 +17,7 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.packing import PackedTokens
+from services.common.auth import bearer_metadata
 from services.common.codec import DTYPE_NAMES, MAX_CHUNK_BYTES, packed_messages
 from services.sdk.channel import AsyncChannelClient
 
@@ -55,12 +56,14 @@ class LanguageClient(AsyncChannelClient):
     """Async client; one channel, many concurrent calls."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 options: Sequence[tuple[str, Any]] = (), token: str | None = None):
         super().__init__(target, credentials=credentials, options=options)
         self.stub = language_pb2_grpc.LanguageServiceStub(self.channel)
+        self.metadata = bearer_metadata(token)
 
     async def model_info(self, timeout: float | None = None) -> language_pb2.ModelInfo:
-        return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=timeout)
+        return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=timeout,
+                                            metadata=self.metadata)
 
     async def validate(self, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
@@ -71,7 +74,7 @@ class LanguageClient(AsyncChannelClient):
         raises `grpc.aio.AioRpcError` (INVALID_ARGUMENT saying what to change)."""
         header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
                              seed, stop, ignore_eos)
-        await self.stub.Validate(header, timeout=timeout)
+        await self.stub.Validate(header, timeout=timeout, metadata=self.metadata)
 
     async def generate(self, packed: PackedTokens, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
@@ -88,7 +91,7 @@ class LanguageClient(AsyncChannelClient):
         header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
                              seed, stop, ignore_eos)
         call = self.stub.Generate(generate_requests(packed, header, dtype, chunk_bytes),
-                                  timeout=timeout)
+                                  timeout=timeout, metadata=self.metadata)
         try:
             async for response in call:
                 yield getattr(response, response.WhichOneof("part"))

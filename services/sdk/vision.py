@@ -1,30 +1,67 @@
 """Python clients of hero.vision.v1.VisionService (the public API).
 
-    with VisionClient("127.0.0.1:9000") as client:
-        for event in client.generate("photo.jpg", "What is on the sign?"):
+    with VisionClient() as client:   # HERO_TARGET (default 127.0.0.1:9000), HERO_API_TOKEN
+        for event in client.generate("photo.jpg", "What is on the sign?", max_new_tokens=64):
             ...
 
 `AsyncVisionClient` is the asyncio twin. Images go as bytes the first time; the
-`accepted.image_id` the service returns can be sent instead afterwards.
+`accepted.image_id` the service returns can be sent instead afterwards. Failures raise
+the typed errors of `services.sdk.errors` (`InvalidRequest`, `Overloaded`, ...), which
+are `grpc.RpcError`s too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from hero_core.packing import PackedTokens
+from services.common.auth import bearer_metadata
 from services.common.codec import DTYPE_NAMES, ChunkAssembler, packed_from_layout
 from services.common.params import TIMEOUT_HEADER
 from services.sdk.channel import AsyncChannelClient
+from services.sdk.errors import api_error
+
+DEFAULT_TARGET = "127.0.0.1:9000"
+TARGET_ENV, TOKEN_ENV = "HERO_TARGET", "HERO_API_TOKEN"
 
 ImageLike = bytes | str | Path
+
+
+class PruneOptions(TypedDict, total=False):
+    """How to prune: the method and retention (0 = the service's defaults), or an image
+    id the service returned instead of the image."""
+
+    image_id: str | None
+    method: str
+    retention: float
+    request_id: str
+
+
+class GenerateOptions(PruneOptions, total=False):
+    """`PruneOptions` plus the conversation and sampling settings of a Generate call."""
+
+    messages: Sequence[tuple[str, str]] | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: Sequence[str]
+    ignore_eos: bool
+
+
+def connection(target: str | None, token: str | None) -> tuple[str, str | None]:
+    """The target and token to use: given ones, else $HERO_TARGET / $HERO_API_TOKEN (pass
+    token="" for none)."""
+    return (target or os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+            os.environ.get(TOKEN_ENV) if token is None else token or None)
 
 
 def image_input(image: ImageLike | None = None, image_id: str | None = None
@@ -78,9 +115,7 @@ def assemble_pruned(responses: list[vision_pb2.PruneResponse]
     return accepted, packed_from_layout(tokens.layout, assembler.tensor())
 
 
-def bearer(token: str | None) -> list[tuple[str, str]] | None:
-    """Call metadata carrying an API token."""
-    return [("authorization", f"Bearer {token}")] if token else None
+bearer = bearer_metadata
 
 
 
@@ -94,10 +129,13 @@ def call_metadata(metadata: list[tuple[str, str]] | None, timeout: float | None
 
 
 class VisionClient:
-    """Blocking client. `token`: the API's bearer token, if it requires one."""
+    """Blocking client. `target` and `token` (the API's bearer token) default to
+    $HERO_TARGET and $HERO_API_TOKEN."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+    def __init__(self, target: str | None = None, *,
+                 credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (), token: str | None = None):
+        target, token = connection(target, token)
         self.channel = (grpc.secure_channel(target, credentials, options=options)
                         if credentials else grpc.insecure_channel(target, options=options))
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
@@ -114,46 +152,59 @@ class VisionClient:
         self.channel.close()
 
     def generate(self, image: ImageLike | None, prompt: str | None = None, *,
-                 timeout: float | None = None, **options: Any
+                 timeout: float | None = None, **options: Unpack[GenerateOptions]
                  ) -> Iterator[vision_pb2.GenerateEvent]:
-        """Events: accepted, text deltas, usage. Raises `grpc.RpcError` on failure."""
-        yield from self.stub.Generate(generate_request(image, prompt, **options),
-                                      timeout=timeout,
-                                      metadata=call_metadata(self.metadata, timeout))
+        """Events: accepted, text deltas, usage. Raises a `services.sdk.errors.ApiError`."""
+        try:
+            yield from self.stub.Generate(generate_request(image, prompt, **options),
+                                          timeout=timeout,
+                                          metadata=call_metadata(self.metadata, timeout))
+        except grpc.RpcError as exc:
+            raise api_error(exc) from exc
 
     def prune(self, image: ImageLike | None, question: str = "", *,
-              timeout: float | None = None, **options: Any
-              ) -> tuple[vision_pb2.Accepted, PackedTokens]:
+              timeout: float | None = None, dtype: str = "float16",
+              **options: Unpack[PruneOptions]) -> tuple[vision_pb2.Accepted, PackedTokens]:
         """The pruned tokens themselves, for clients that run their own LLM."""
-        responses = list(self.stub.Prune(prune_request(image, question, **options),
-                                         timeout=timeout,
-                                         metadata=call_metadata(self.metadata, timeout)))
+        try:
+            responses = list(self.stub.Prune(
+                prune_request(image, question, dtype=dtype, **options), timeout=timeout,
+                metadata=call_metadata(self.metadata, timeout)))
+        except grpc.RpcError as exc:
+            raise api_error(exc) from exc
         return assemble_pruned(responses)
 
 
 class AsyncVisionClient(AsyncChannelClient):
-    """asyncio client. `token`: the API's bearer token, if it requires one."""
+    """asyncio client; `target` and `token` as for `VisionClient`."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+    def __init__(self, target: str | None = None, *,
+                 credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (), token: str | None = None):
+        target, token = connection(target, token)
         super().__init__(target, credentials=credentials, options=options)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
         self.metadata = bearer(token)
 
     async def generate(self, image: ImageLike | None, prompt: str | None = None, *,
-                       timeout: float | None = None, **options: Any
+                       timeout: float | None = None, **options: Unpack[GenerateOptions]
                        ) -> AsyncIterator[vision_pb2.GenerateEvent]:
         call = self.stub.Generate(generate_request(image, prompt, **options), timeout=timeout,
                                   metadata=call_metadata(self.metadata, timeout))
         try:
             async for event in call:
                 yield event
+        except grpc.RpcError as exc:
+            raise api_error(exc) from exc
         finally:
             call.cancel()
 
     async def prune(self, image: ImageLike | None, question: str = "", *,
-                    timeout: float | None = None, **options: Any
-                    ) -> tuple[vision_pb2.Accepted, PackedTokens]:
-        call = self.stub.Prune(prune_request(image, question, **options), timeout=timeout,
-                               metadata=call_metadata(self.metadata, timeout))
-        return assemble_pruned([r async for r in call])
+                    timeout: float | None = None, dtype: str = "float16",
+                    **options: Unpack[PruneOptions]) -> tuple[vision_pb2.Accepted, PackedTokens]:
+        call = self.stub.Prune(prune_request(image, question, dtype=dtype, **options),
+                               timeout=timeout, metadata=call_metadata(self.metadata, timeout))
+        try:
+            return assemble_pruned([r async for r in call])
+        except grpc.RpcError as exc:
+            raise api_error(exc) from exc

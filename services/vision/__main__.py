@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from services.common.config import env_overrides, merge
-from services.local import SERVE_CONFIG, ServeApp
 from services.vision.config import VisionConfig
+from services.vision.runner import SERVE_CONFIG, ServeApp
 
 ENV_PREFIX = "HERO_VISION_"
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray import serve
@@ -20,7 +21,12 @@ EncoderDeployment = serve.deployment(name="Encoder")(Encoder)
 IngressDeployment = serve.deployment(name="VisionIngress")(VisionIngress)
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """Application builder: `import_path: services.vision.app:build_app`."""
+def build_app(args: dict[str, Any],
+              deployments: Sequence[Mapping[str, Any]] = ()) -> Application:
+    """Application builder: `import_path: services.vision.app:build_app`. `deployments`:
+    per-deployment settings of a Serve config (`name` plus `.options()` fields) when the
+    app is run from Python rather than deployed from the config by Serve or KubeRay."""
     config = VisionConfig.model_validate(args).model_dump(mode="json")
-    return IngressDeployment.bind(EncoderDeployment.bind(config), config)
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments}
+    encoder = EncoderDeployment.options(**options.get("Encoder", {})).bind(config)
+    return IngressDeployment.options(**options.get("VisionIngress", {})).bind(encoder, config)

@@ -71,6 +71,9 @@ class VisionConfig(BaseModel):
     language_target: str = "127.0.0.1:50052"
     """The language service: host:port, or dns:///name:port for a headless Service whose
     every address is a language pod (calls are then balanced over them)."""
+    language_token_env: str = "HERO_INTERNAL_TOKEN"
+    """Environment variable (from a secret) with the token the language service accepts,
+    when it requires one (its `api_tokens_env`); unset = none sent."""
     language_lb_policy: Literal["round_robin", "pick_first"] = "round_robin"
     """How calls spread over the addresses the target resolves to: round_robin balances
     every call; pick_first keeps one connection."""

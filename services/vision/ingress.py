@@ -9,7 +9,6 @@ language service and the answer back (`Generate`). It also answers
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -27,11 +26,11 @@ from ray.serve.handle import DeploymentHandle
 
 from hero_core.errors import InvalidInputError
 from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
+from services.common.auth import BearerTokens
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
 from services.common.errors import (
     NotFoundError,
     OverloadedError,
-    UnauthenticatedError,
     UnavailableError,
     UpstreamError,
     public_details,
@@ -148,7 +147,8 @@ def language_client(config: VisionConfig) -> LanguageClient:
         tls = channel_credentials(config.language_tls_ca_file, config.language_tls_cert_file,
                                   config.language_tls_key_file)
     return LanguageClient(config.language_target, credentials=tls,
-                          options=[("grpc.lb_policy_name", config.language_lb_policy)])
+                          options=[("grpc.lb_policy_name", config.language_lb_policy)],
+                          token=os.environ.get(config.language_token_env) or None)
 
 
 class VisionIngress:
@@ -177,20 +177,12 @@ class VisionIngress:
             encoder_fingerprint(spec, model_config.vision_feature_layer, tiling),
             int(model_config.vision_config.hidden_size), self.metrics)
         self.language = language_client(self.config)
-        raw = os.environ.get(self.config.api_tokens_env, "")
-        self.tokens_accepted = [t.strip().encode() for t in raw.split(",") if t.strip()]
+        self.auth = BearerTokens.from_env(self.config.api_tokens_env)
         self._health: tuple[float, bool] = (0.0, False)
 
     def _authorize(self, grpc_context: Any) -> None:
         """Require `authorization: Bearer <token>` when tokens are configured."""
-        if not self.tokens_accepted:
-            return
-        scheme, _, token = str(call_metadata_of(grpc_context).get("authorization",
-                                                                  "")).partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, t)
-                                                  for t in self.tokens_accepted):
-            raise UnauthenticatedError("send a valid token as 'authorization: Bearer <token>'")
+        self.auth.check(call_metadata_of(grpc_context))
 
     # ---- RPCs -------------------------------------------------------------------------
 

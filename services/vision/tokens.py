@@ -133,19 +133,8 @@ class TokenSource:
             return await self._encode(source, origin, method, ratio, timing)
 
         if ranked:
-            # The text tower runs while the cache is read (or the image encoded).
-            embed = asyncio.create_task(self._embed(question)) if method.uses_question \
-                else None
-            try:
-                entry, hit = await self.cache.get_or_create(
-                    key, encode, lambda b: self._entry(b, method, origin, ratio),
-                    prepare=prepare, deadline=deadline)
-                question_embed = await embed if embed is not None else None
-            finally:
-                if embed is not None and not embed.done():
-                    embed.cancel()
-            packed = select_from_entry(entry, method, entry.grid(self.tiling), ratio,
-                                       question_embed)
+            packed, hit = await self._ranked(key, encode, prepare, method, origin, ratio,
+                                             question, deadline)
         else:
             packed, hit = await self.cache.get_or_create(
                 key, encode, lambda b: self._packed(b, origin), prepare=prepare,
@@ -154,6 +143,25 @@ class TokenSource:
         self.metrics.stage("vision", vision_ms)
         self.metrics.tokens_kept.observe(packed.num_tokens)
         return Tokens(packed, source.digest, hit, vision_ms, timing.get("queue_ms", 0.0))
+
+    async def _ranked(self, key: str, encode: Callable[[], Awaitable[bytes]],
+                      prepare: Callable[[], Awaitable[None]], method: RankedMethod,
+                      origin: Origin, ratio: float, question: str,
+                      deadline: float | None) -> tuple[PackedTokens, bool]:
+        """A prefix-shaped method's tokens: the image's entry (cached or encoded), then this
+        question's budgets. The text tower runs while the cache is read (or the image
+        encoded)."""
+        embed = asyncio.create_task(self._embed(question)) if method.uses_question else None
+        try:
+            entry, hit = await self.cache.get_or_create(
+                key, encode, lambda b: self._entry(b, method, origin, ratio),
+                prepare=prepare, deadline=deadline)
+            question_embed = await embed if embed is not None else None
+        finally:
+            if embed is not None and not embed.done():
+                embed.cancel()
+        grid = entry.grid(self.tiling)
+        return select_from_entry(entry, method, grid, ratio, question_embed), hit
 
     def _entry(self, data: bytes, method: RankedMethod, origin: Origin,
                ratio: float) -> RankedEntry:

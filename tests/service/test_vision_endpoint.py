@@ -270,3 +270,48 @@ def test_language_calls_from_one_vision_replica_spread_over_the_servers(policy):
         assert min(calls) >= 3, calls
     else:
         assert sorted(calls) == [0, 0, 12], calls
+
+
+def test_the_language_service_requires_the_token_it_is_given_and_the_vision_sends_it(
+        encoder_object, redis_url, language_model, monkeypatch):
+    """One bearer-token check for both services (services.common.auth): with tokens
+    configured, LanguageService calls without one are UNAUTHENTICATED (health is not),
+    and the vision service's client sends the one it is given."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    from services.sdk.language import LanguageClient
+
+    monkeypatch.setenv("HERO_INTERNAL_TOKENS", "old-token,internal-token")
+    server = language_server(language_model)
+    target = f"127.0.0.1:{server.port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def calls(token):
+            client = LanguageClient(target, token=token)
+            try:
+                await client.model_info(timeout=10)
+                await client.validate("What is shown?", timeout=10)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            finally:
+                await client.close()
+
+        assert asyncio.run(calls(None)) == grpc.StatusCode.UNAUTHENTICATED
+        assert asyncio.run(calls("wrong")) == grpc.StatusCode.UNAUTHENTICATED
+        assert asyncio.run(calls("internal-token")) == "OK"
+
+        async def vision_health(ingress, encoder):
+            return (await ingress.Check(health_pb2.HealthCheckRequest())).status
+
+        for token, status in (("", health_pb2.HealthCheckResponse.NOT_SERVING),
+                              ("internal-token", health_pb2.HealthCheckResponse.SERVING)):
+            monkeypatch.setenv("HERO_INTERNAL_TOKEN", token)
+            assert run(vision_health, encoder_object, redis_url,
+                       language_target=target) == status
+    finally:
+        server.stop()

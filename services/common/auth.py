@@ -1,0 +1,46 @@
+"""Bearer-token authentication of gRPC calls, the same for both services.
+
+The accepted tokens come from an environment variable filled from a secret (comma-
+separated, so a token can be rotated by accepting old and new for a while); none set
+turns authentication off. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from services.common.errors import UnauthenticatedError
+
+
+class BearerTokens:
+    """The tokens a service accepts in `authorization: Bearer <token>` metadata."""
+
+    def __init__(self, tokens: Iterable[str]):
+        self._accepted = [t.strip().encode() for t in tokens if t.strip()]
+
+    @classmethod
+    def from_env(cls, name: str, environ: Mapping[str, str] = os.environ) -> BearerTokens:
+        return cls(environ.get(name, "").split(","))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._accepted)
+
+    def check(self, metadata: Mapping[str, Any]) -> None:
+        """`UnauthenticatedError` unless `metadata` carries an accepted token (or
+        authentication is off)."""
+        if not self._accepted:
+            return
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, t)
+                                                  for t in self._accepted):
+            raise UnauthenticatedError("send a valid token as 'authorization: Bearer <token>'")
+
+
+def bearer_metadata(token: str | None) -> list[tuple[str, str]] | None:
+    """Call metadata carrying `token` (None without one)."""
+    return [("authorization", f"Bearer {token}")] if token else None

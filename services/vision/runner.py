@@ -1,0 +1,83 @@
+"""Run the vision app on a single-node Ray, from a Serve config, with Ray's public API.
+
+Used by the container's entry point (`python -m services.vision`) and by `hero serve` /
+the tests (`services.local`). On a Ray cluster, KubeRay's RayService deploys the same
+config (`serveConfigV2`) itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
+
+
+class ServeApp:
+    """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app of `config`
+    (a Serve config: proxy, HTTP and gRPC options, one application)."""
+
+    def __init__(self, config: dict[str, Any], num_cpus: int | None = None,
+                 metrics_export_port: int | None = None):
+        self.config = config
+        self.num_cpus = num_cpus
+        self.metrics_export_port = metrics_export_port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.config['grpc_options']['port']}"
+
+    def start(self, timeout_s: float = 300) -> ServeApp:
+        import os
+
+        import ray
+        from ray import serve
+        from ray.serve.schema import ServeDeploySchema
+
+        from services.vision.app import build_app
+        from services.vision.config import VisionConfig
+
+        schema = ServeDeploySchema.model_validate(self.config)
+        (app,) = schema.applications
+        # Serve's proxy reads its message bound from the environment when it starts.
+        proxy_env = VisionConfig.model_validate(app.args).proxy_env()
+        os.environ.update(proxy_env)
+        ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
+                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _metrics_export_port=self.metrics_export_port,
+                 runtime_env={"working_dir": None,
+                              "env_vars": {"PYTHONPATH": str(ROOT), **proxy_env}},
+                 ignore_reinit_error=True)
+        serve.start(proxy_location=schema.proxy_location,
+                    http_options=schema.http_options.model_dump(),
+                    grpc_options=schema.grpc_options.model_dump())
+        # The config's deployment settings, as `serve run` and KubeRay apply them.
+        deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
+        serve.run(build_app(app.args, deployments), name=app.name,
+                  route_prefix=app.route_prefix, blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while not self.running():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vision service not running after {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return self
+
+    def running(self) -> bool:
+        """Whether the app runs; `RuntimeError` when it failed to deploy."""
+        from ray import serve
+
+        status = serve.status().applications.get(self.config["applications"][0]["name"])
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"vision app failed to deploy: {status.message}")
+        return status is not None and status.status == "RUNNING"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
