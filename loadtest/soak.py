@@ -466,7 +466,9 @@ TOKEN_PATH = [
     "* **One encoding per image, with no shared failure.** Concurrent misses share one "
     "encoding; what belongs to one request alone (fetching its image by id, checking its "
     "prompt with the language service) runs before it encodes, so a request that sent the "
-    "bytes never inherits another's NOT_FOUND or INVALID_ARGUMENT.",
+    "bytes never inherits another's NOT_FOUND or INVALID_ARGUMENT. The encoding runs in a "
+    "task of its own: a request that is cancelled or reaches its deadline stops waiting, "
+    "the encoding completes for the others and lands in the cache.",
     "* **A dead replica stalls an image for at most `cache.lock_ttl_s` (10 s).** The "
     "cross-replica lock holds a random token, is renewed every third of its lifetime "
     "while the owner encodes, and is released only by its owner; a waiter gives up at its "

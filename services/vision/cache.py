@@ -151,24 +151,24 @@ class TokenCache:
 
     async def _lead(self, key: str, create: Callable[[], Awaitable[bytes]],
                     decode: Callable[[bytes], T], deadline: float | None) -> T:
-        """Produce (or wait for another replica's production), sharing the outcome with
-        every call of this replica that joins meanwhile."""
+        """Start producing (or waiting for another replica's production) in a task of its
+        own, shared with every call of this replica that joins meanwhile, and wait for it
+        like they do: a caller that is cancelled or whose deadline passes stops waiting,
+        the production goes on for the others (and the cache)."""
         self.metrics.observe("miss")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await self._produce_once(key, create, decode, deadline)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        finally:
+        task = asyncio.ensure_future(self._produce_once(key, create, decode))
+        self._inflight[key] = task
+        task.add_done_callback(lambda done: self._settled(key, done))
+        return await _wait(task, deadline)
+
+    def _settled(self, key: str, task: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it itself
 
     async def _produce_once(self, key: str, create: Callable[[], Awaitable[bytes]],
-                            decode: Callable[[bytes], T], deadline: float | None) -> T:
+                            decode: Callable[[bytes], T]) -> T:
         """Take the cross-replica lock and produce, or wait for its holder's value; when
         the holder lets go (or dies, and its lock expires) without a value, try again."""
         while True:
@@ -178,7 +178,7 @@ class TokenCache:
                     value = await create()
                     await self.put(key, value)
                 return decode(value)
-            if await self._wait_for_other_replica(key, deadline):
+            if await self._wait_for_other_replica(key):
                 found = await self._usable(key, decode)
                 if found is not None:
                     self.metrics.observe("coalesced")
@@ -219,15 +219,13 @@ class TokenCache:
             except StoreError as exc:
                 log.warning("could not release the lock of %s (it expires): %s", key, exc)
 
-    async def _wait_for_other_replica(self, key: str, deadline: float | None) -> bool:
-        """Poll while another replica holds the lock of `key`. True when its value may be
-        there (the lock is gone, or the value appeared); False when the store fails (this
-        replica then produces). `DeadlineError` when `deadline` passes first."""
+    async def _wait_for_other_replica(self, key: str) -> bool:
+        """Poll while another replica holds the lock of `key` (at most the lock's lifetime
+        after that replica stops renewing it). True when its value may be there (the lock
+        is gone, or the value appeared); False when the store fails (this replica then
+        produces)."""
         try:
             while await self.store.exists(key + LOCK_SUFFIX):
-                if deadline is not None and time.monotonic() + self.poll_s >= deadline:
-                    raise DeadlineError("the deadline passed while another replica was "
-                                        "encoding this image; retry with a longer deadline")
                 await asyncio.sleep(self.poll_s)
                 if await self.store.exists(key):
                     return True
@@ -244,8 +242,8 @@ async def _wait(pending: asyncio.Future[T], deadline: float | None) -> T:
         return await asyncio.wait_for(asyncio.shield(pending),
                                       max(deadline - time.monotonic(), 0.0))
     except TimeoutError:
-        raise DeadlineError("the deadline passed while another request was encoding this "
-                            "image; retry with a longer deadline") from None
+        raise DeadlineError("the deadline passed while this image was being encoded; retry "
+                            "with a longer deadline") from None
 
 
 def _mac(secret: bytes, key: bytes, value: bytes) -> bytes:

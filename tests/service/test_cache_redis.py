@@ -388,3 +388,36 @@ def test_a_replica_killed_mid_encode_stalls_the_image_at_most_the_lock_ttl(redis
         assert time.monotonic() - killed_at <= ttl + 2
     finally:
         replica.kill()
+
+
+def test_a_cancelled_or_late_leader_does_not_fail_the_requests_waiting_with_it(redis_server):
+    """The first request for an image starts its encoding; when that request is cancelled
+    (its client went away) or reaches its deadline, the encoding still completes for the
+    requests that joined it, and lands in the cache."""
+    import time
+
+    from services.common.errors import DeadlineError
+
+    async def scenario():
+        cache, metrics = cache_for(redis_server.url)
+        calls = 0
+
+        async def slow() -> bytes:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.6)
+            return b"tokens"
+
+        leader = asyncio.create_task(cache.get_or_create("img", slow, bytes))
+        await asyncio.sleep(0.1)
+        follower = asyncio.create_task(cache.get_or_create("img", slow, bytes))
+        await asyncio.sleep(0.1)
+        leader.cancel()
+        assert await follower == (b"tokens", False) and calls == 1
+        with pytest.raises(DeadlineError):  # a leader past its deadline stops waiting...
+            await cache.get_or_create("other", slow, bytes, deadline=time.monotonic() + 0.2)
+        await asyncio.sleep(0.6)  # ...while its encoding completes and is stored
+        assert await cache.get_or_create("other", slow, bytes) == (b"tokens", True)
+        assert calls == 2 and metrics.counts["miss"] == 2
+        await cache.store.close()
+    asyncio.run(scenario())
