@@ -164,6 +164,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[language_pb2.GenerateResponse]:
         arrival, request_id, code = time.perf_counter(), "-", grpc.StatusCode.OK
+        counted = False
         try:
             self._authorize(context)
             header = await _next(request_iterator, "header")
@@ -185,9 +186,13 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         except Exception as exc:  # every failure leaves as one status, mapped in one place
             code, message = status_for(exc, request_id)
             await _drain(request_iterator)
+            # counted before the status leaves: a client that sees it, sees it counted
+            self.metrics.finish(code.name)
+            counted = True
             await context.abort(code, message)
         finally:
-            self.metrics.finish(code.name)
+            if not counted:
+                self.metrics.finish(code.name)
 
     async def _read_request(self, header: language_pb2.GenerateHeader, request_id: str,
                             stream: AsyncIterator[language_pb2.GenerateRequest]
