@@ -37,7 +37,8 @@ from PIL import Image
 from loadtest.arrivals import poisson_offsets
 from loadtest.runner import photo_variant
 from loadtest.stats import percentile
-from services.sdk.vision import bearer, call_metadata, generate_request, prune_request
+from services.common.auth import bearer_metadata as bearer
+from services.sdk.vision import call_metadata, generate_request, prune_request
 
 TOKEN = "soak-token"
 DEGRADED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})

@@ -115,7 +115,6 @@ def assemble_pruned(responses: list[vision_pb2.PruneResponse]
     return accepted, packed_from_layout(tokens.layout, assembler.tensor())
 
 
-bearer = bearer_metadata
 
 
 
@@ -139,7 +138,7 @@ class VisionClient:
         self.channel = (grpc.secure_channel(target, credentials, options=options)
                         if credentials else grpc.insecure_channel(target, options=options))
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
-        self.metadata = bearer(token)
+        self.metadata = bearer_metadata(token)
 
     def __enter__(self) -> VisionClient:
         return self
@@ -184,7 +183,7 @@ class AsyncVisionClient(AsyncChannelClient):
         target, token = connection(target, token)
         super().__init__(target, credentials=credentials, options=options)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
-        self.metadata = bearer(token)
+        self.metadata = bearer_metadata(token)
 
     async def generate(self, image: ImageLike | None, prompt: str | None = None, *,
                        timeout: float | None = None, **options: Unpack[GenerateOptions]
