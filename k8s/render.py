@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from services.common.config import merge
+from services.common.config import deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
@@ -48,11 +48,11 @@ def serve_config(gpu: bool) -> dict[str, Any]:
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"] = {"host": "0.0.0.0", "port": 8000}
     app = config["applications"][0]
-    app["args"] = merge(app["args"], CLUSTER_ARGS)
+    app["args"] = deep_merge(app["args"], CLUSTER_ARGS)
     if gpu:
-        app["args"] = merge(app["args"], GPU_ARGS)
+        app["args"] = deep_merge(app["args"], GPU_ARGS)
         for deployment in app["deployments"]:
-            deployment.update(merge(deployment, GPU_DEPLOYMENTS.get(deployment["name"], {})))
+            deployment.update(deep_merge(deployment, GPU_DEPLOYMENTS.get(deployment["name"], {})))
     return config
 
 
@@ -91,18 +91,19 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
         "env": [
             {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
             *proxy_env(),
-            {"name": "REDIS_PASSWORD",
+            {"name": "HERO_VISION_CACHE__PASSWORD",
              "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
             # Bearer tokens of the public API; without the secret the API is open.
-            {"name": "HERO_API_TOKENS",
+            {"name": "HERO_VISION_API_TOKENS",
              "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens",
                                             "optional": True}}},
-            # The token the language service accepts (same secret as its HERO_INTERNAL_TOKENS).
-            {"name": "HERO_INTERNAL_TOKEN",
+            # The token the language service accepts (the secret of its
+            # HERO_LANGUAGE_API_TOKENS).
+            {"name": "HERO_VISION_LANGUAGE_TOKEN",
              "valueFrom": {"secretKeyRef": {"name": "hero-internal-token", "key": "token",
                                             "optional": True}}},
             # Key of the cache entries' HMAC; without the secret entries carry no MAC.
-            {"name": "HERO_CACHE_SECRET",
+            {"name": "HERO_VISION_CACHE__SECRET",
              "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret",
                                             "optional": True}}},
         ],

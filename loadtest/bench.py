@@ -90,7 +90,8 @@ def main() -> None:
         f"Written by `make bench` (`.ci/isolated .venv/bin/python -m loadtest.bench`) on "
         f"{today}. Machine: {machine()}.",
         "",
-        "Ratios are measured side by side in one run; absolute times on a shared 2-core",
+        "Ratios are measured side by side in one run; absolute times on a shared "
+        f"{os.cpu_count()}-core",
         "machine are noisy. Re-run `make bench` to refresh every number here.",
         "",
     ]

@@ -114,7 +114,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "## Load: HERO Serve against the stock transformers baseline",
         "",
-        "Same `tiny` checkpoint, same requests (`max_new_tokens` 8), one machine; closed loop",
+        f"Same `tiny` checkpoint, same requests (`max_new_tokens` {SETTINGS.max_new_tokens}), "
+        "one machine; closed loop",
         "with one request in flight for latency, open-loop Poisson sweeps for throughput.",
         "With the tiny LM, prefill is cheap for both; the gain here comes from the cache and",
         "from not re-encoding images (the prefill section shows the LLM-side gain).",
@@ -140,8 +141,8 @@ def report(r: dict[str, Any]) -> str:
         f"arrivals at {', '.join(f'{x:g}' for x in RATES)} req/s until p99 passes 4x the "
         f"target): HERO Serve **{ours:.1f} "
         f"req/s**, baseline **{theirs:.1f} req/s** ({ratio}).",
-        "* Bytes per request: the tiny tower is 64-d, so see the wire section for CLIP-L "
-        "(1/35.9 of the unpruned projected tensor at retention 0.111).",
+        "* Bytes per request: the tiny tower's features are small, so see the wire section "
+        "for what CLIP-L's pruned tokens weigh against the unpruned projected tensor.",
         "",
         "![TTFT and end-to-end latency CDFs](bench-latency-cdf.png)",
         "",

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import io
 import os
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,13 +34,14 @@ from PIL import Image
 
 from loadtest.arrivals import poisson_offsets
 from loadtest.runner import photo_variant
-from loadtest.stats import percentile
 from services.common.auth import bearer_metadata as bearer
 from services.sdk.vision import call_metadata, generate_request, prune_request
 
 TOKEN = "soak-token"
 DEGRADED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 GRACE_S = 10.0
+MEMORY_PERIOD_S = 15.0
+"""How often the fault-free third samples each process's RSS."""
 """A request without a final status this long after its deadline counts as lost."""
 
 
@@ -293,6 +292,30 @@ def memory_rows(samples: Samples) -> list[dict[str, Any]]:
 
 # ---- the run --------------------------------------------------------------------------
 
+async def send_one(traffic: Traffic, kind: Kind, i: int, result: Result,
+                   now: Callable[[], float]) -> None:
+    """Send request `i` of `kind` and record its outcome in `result` (in the run's list
+    from the moment it is sent, so one still in flight at the end is counted)."""
+    deadline = (1.0 if kind.name == "deadline" else 30.0) + GRACE_S
+    try:
+        code, details = await asyncio.wait_for(traffic.send(kind.name, i), deadline)
+    except TimeoutError:
+        code, details = "LOST", f"no status after {deadline:.0f} s"
+    result.code, result.latency_s = code, now() - result.sent_s
+    result.verdict = verdict(kind, code)
+    if result.verdict != "expected":
+        result.details = details[:160]
+
+
+def mark_recovery(faults: list[Fault], results: list[Result]) -> None:
+    """Each fault's recovery: from its end to the first answer of a request sent after."""
+    for fault in faults:
+        after = [r for r in results if r.sent_s >= fault.end_s and r.code == "OK"]
+        fault.recovered_s = min((r.sent_s + r.latency_s for r in after), default=None)
+        if fault.recovered_s is not None:
+            fault.recovered_s -= fault.end_s
+
+
 async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[str, Any]:
     channel = grpc.aio.insecure_channel(system.target)
     traffic = Traffic(vision_pb2_grpc.VisionServiceStub(channel),
@@ -311,19 +334,6 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
     def now() -> float:
         return time.monotonic() - start
 
-    async def one(kind: Kind, i: int) -> None:
-        result = Result(kind.name, now())
-        results.append(result)
-        deadline = (1.0 if kind.name == "deadline" else 30.0) + GRACE_S
-        try:
-            code, details = await asyncio.wait_for(traffic.send(kind.name, i), deadline)
-        except TimeoutError:
-            code, details = "LOST", f"no status after {deadline:.0f} s"
-        result.code, result.latency_s = code, now() - result.sent_s
-        result.verdict = verdict(kind, code)
-        if result.verdict != "expected":
-            result.details = details[:160]
-
     async def schedule_faults() -> None:
         gap = fault_phase / (len(FAULTS) + 1)
         for n, (name, what) in enumerate(FAULTS):
@@ -333,10 +343,10 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
             action: Callable[[], Awaitable[None]] = getattr(injector, name)
             await action()
             fault.end_s = now()
-        while now() < duration_s:  # the fault-free third: RSS every 15 s
+        while now() < duration_s:  # the fault-free third: RSS every MEMORY_PERIOD_S
             await asyncio.sleep(max(0.0, fault_phase + 10 - now()))
             sample_memory(system, now(), memory)
-            await asyncio.sleep(15)
+            await asyncio.sleep(MEMORY_PERIOD_S)
 
     tasks = [asyncio.create_task(schedule_faults())]
     names, weights = [k.name for k in KINDS], [k.weight for k in KINDS]
@@ -344,216 +354,18 @@ async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[s
         if offset > duration_s:
             break
         await asyncio.sleep(max(0.0, offset - now()))
-        tasks.append(asyncio.create_task(one(kinds[rng.choices(names, weights)[0]], i)))
+        kind = kinds[rng.choices(names, weights)[0]]
+        results.append(Result(kind.name, now()))
+        tasks.append(asyncio.create_task(send_one(traffic, kind, i, results[-1], now)))
     await asyncio.gather(*tasks)
     await channel.close()
-    for fault in faults:
-        after = [r for r in results if r.sent_s >= fault.end_s and r.code == "OK"]
-        fault.recovered_s = min((r.sent_s + r.latency_s for r in after), default=None)
-        if fault.recovered_s is not None:
-            fault.recovered_s -= fault.end_s
+    mark_recovery(faults, results)
     return {"results": results, "faults": faults, "duration_s": now(),
             "memory": memory_rows(memory), "rate": rate, "seed": seed,
             "steady_from_s": fault_phase + 10}
 
 
 # ---- the report -----------------------------------------------------------------------
-
-MIN_RECOVERY_S = 15.0
-
-
-def in_window(result: Result, fault: Fault) -> bool:
-    """Whether the request was in flight while the fault lasted or the system recovered
-    from it: until the first answer after the fault's end, and at least 15 s."""
-    recovered = (float("inf") if fault.recovered_s is None
-                 else max(MIN_RECOVERY_S, fault.recovered_s))
-    ended = result.sent_s + result.latency_s
-    return result.sent_s <= fault.end_s + recovered and ended >= fault.start_s
-
-
-def codes(results: list[Result]) -> str:
-    counts = collections.Counter(r.code for r in results)
-    return ", ".join(f"{code} {n}" for code, n in counts.most_common()) or "-"
-
-
-def report(run: dict[str, Any], command: str, machine: str) -> str:
-    results: list[Result] = run["results"]
-    by_kind = collections.defaultdict(list)
-    for r in results:
-        by_kind[r.kind].append(r)
-    verdicts = collections.Counter(r.verdict for r in results)
-    during_faults = sum(1 for r in results if r.verdict == "degraded"
-                        and any(in_window(r, f) for f in run["faults"]))
-    calm = [r for r in results if r.kind in ("hit", "miss")
-            and not any(in_window(r, f) for f in run["faults"])]
-    calm_ok = sum(1 for r in calm if r.code == "OK")
-    lines = [
-        "# Reliability", "",
-        "What the system does when clients misbehave, dependencies fail and load piles up, "
-        "measured by a soak run (`loadtest/soak.py`) against the whole local system: a real "
-        "Redis, the language service process and the Ray Serve vision app (tiny model, CPU).",
-        "",
-        f"* command: `{command}`",
-        f"* machine: {machine}",
-        f"* {run['duration_s']:.0f} s, open-loop Poisson arrivals at {run['rate']:g} req/s "
-        f"(seed {run['seed']}); faults in the first two thirds, none in the last third.",
-        "",
-        f"**{len(results)} requests: {verdicts['expected']} got the outcome they deserve, "
-        f"{verdicts['degraded']} a clear retryable error (UNAVAILABLE / RESOURCE_EXHAUSTED; "
-        f"{during_faults} of them in flight during a fault or the recovery from it), "
-        f"{verdicts['other']} another status, {verdicts['lost']} lost** (no final status "
-        f"within their deadline + {GRACE_S:.0f} s).",
-        "",
-        f"**Outside fault windows, {calm_ok} of {len(calm)} valid hit and miss requests "
-        f"({calm_ok / max(1, len(calm)):.1%}) ended OK** (the rest: "
-        f"{codes([r for r in calm if r.code != 'OK'])}).",
-        "",
-        *refusal_lines([r for r in calm if r.code != "OK"]),
-        f"Outside fault windows, RESOURCE_EXHAUSTED is admission at work: {language_limits()}; "
-        "the long `cancel` and `deadline` answers reserve KV for 4,096 tokens each. The "
-        "encoder deployment runs 16 encodes and queues 16. Past a queue the request is "
-        "refused on arrival there; its end-to-end time below includes what it spent before "
-        "(an encode, on a miss).",
-        "",
-        "## Traffic and bad inputs", "",
-        "| kind | what | expected | sent | outcomes | p50 / p99 s |",
-        "|---|---|---|---:|---|---|",
-    ]
-    for kind in KINDS:
-        rs = by_kind.get(kind.name, [])
-        lat = [r.latency_s for r in rs]
-        p = (f"{percentile(lat, 50):.2f} / {percentile(lat, 99):.2f}" if lat else "-")
-        lines.append(f"| {kind.name} | {kind.what} | {kind.expected} | {len(rs)} | "
-                     f"{codes(rs)} | {p} |")
-    unexpected = [r for r in results if r.verdict in ("other", "lost")]
-    if unexpected:
-        lines += ["", "Requests with another status, each:", ""]
-        lines += [f"* {r.kind} at {r.sent_s:.0f} s: {r.code}: {r.details or '-'}"
-                  for r in unexpected]
-    refused = [r.latency_s for r in results if r.code == "RESOURCE_EXHAUSTED"]
-    if refused:
-        lines += ["", f"RESOURCE_EXHAUSTED answers: {len(refused)}, p50 "
-                  f"{percentile(refused, 50):.3f} s, p99 {percentile(refused, 99):.3f} s."]
-    lines += ["", "## Faults injected", "",
-              "Requests counted against a fault were in flight at some point between its start "
-              "and the system's recovery from it (at least 15 s after its end). Recovery: from "
-              "the fault's end to the first answer of a request sent after it.", "",
-              "| fault | at s | lasted s | requests | outcomes | recovered after s |",
-              "|---|---:|---:|---:|---|---:|"]
-    for f in run["faults"]:
-        rs = [r for r in results if in_window(r, f) and kinds_valid(r)]
-        rec = f"{f.recovered_s:.1f}" if f.recovered_s is not None else "never"
-        lines.append(f"| {f.what} | {f.start_s:.0f} | {f.end_s - f.start_s:.1f} | {len(rs)} | "
-                     f"{codes(rs)} | {rec} |")
-    lines += ["", "(valid requests only: hit, miss, prune.)", "",
-              "## Memory in the fault-free third", "",
-              f"RSS of each long-lived process every 15 s from {run['steady_from_s']:.0f} s to "
-              "the end (the process alive at the end; a replica a fault replaced starts its "
-              "own series). Growth over the whole series and over its second half.", "",
-              "| process | RSS MB over time | growth | second half |", "|---|---|---:|---:|"]
-    for m in run["memory"]:
-        series = " → ".join(f"{mb:.0f}" for _, mb in m["series"])
-        lines.append(f"| {m['role']} | {series} | {m['growth_pct']:+.1f} % | "
-                     f"{m['late_growth_pct']:+.1f} % |")
-    lines += ["", "Redis grows while new images fill the cache; `maxmemory` with LRU eviction "
-              "bounds it.", "", "## The token path under failure", "", *TOKEN_PATH, "",
-              "## Where each behaviour is tested", "",
-              "| behaviour | test (in `make test`) |", "|---|---|",
-              *(f"| {what} | {where} |" for what, where in TESTED), ""]
-    return "\n".join(lines)
-
-
-TOKEN_PATH = [
-    "* **One encoding per image, with no shared failure.** Concurrent misses share one "
-    "encoding; what belongs to one request alone (fetching its image by id, checking its "
-    "prompt with the language service) runs before it encodes, so a request that sent the "
-    "bytes never inherits another's NOT_FOUND or INVALID_ARGUMENT. The encoding runs in a "
-    "task of its own: a request that is cancelled or reaches its deadline stops waiting, "
-    "the encoding completes for the others and lands in the cache.",
-    "* **A dead replica stalls an image for at most `cache.lock_ttl_s` (10 s).** The "
-    "cross-replica lock holds a random token, is renewed every third of its lifetime "
-    "while the owner encodes, and is released only by its owner; a waiter gives up at its "
-    "own deadline with DEADLINE_EXCEEDED.",
-    "* **Redis down:** tokens are a miss (encoded again), an `image_id` request is "
-    "UNAVAILABLE (retryable: the image is not lost, only unreachable).",
-    "* **Deadlines:** a language call is never retried once the client's deadline cannot "
-    "fit the backoff, and a call that ends past the deadline is DEADLINE_EXCEEDED, "
-    "whatever grpc reported (a stream cut mid-upload shows as INTERNAL).",
-    "* **Health:** `grpc.health.v1.Health/Check` on the public port is NOT_SERVING while "
-    "the language service does not answer (checked at most once a second).",
-]
-"""How the token path behaves under failure (fixed text of the report)."""
-
-TESTED = [
-    ("bad inputs get INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED with a message",
-     "tests/integration/test_system.py, tests/service/test_language.py"),
-    ("malformed request bytes get INVALID_ARGUMENT; error details carry no object reprs or "
-     "addresses; an upload above the limit is refused by Serve's proxy as it arrives",
-     "tests/integration/test_system.py, tests/service/test_vision_endpoint.py"),
-    ("a prompt or max_new_tokens the language service would refuse is refused before the "
-     "image is encoded", "tests/service/test_vision_endpoint.py"),
-    ("a passed deadline is DEADLINE_EXCEEDED and never followed by a retry",
-     "tests/service/test_vision_endpoint.py"),
-    ("grpc.health.v1 on the public port: NOT_SERVING while the language service is down",
-     "tests/integration/test_system_faults.py, tests/service/test_vision_endpoint.py"),
-    ("fuzzed image, tensor codec and cache-entry decoding raise only typed errors",
-     "tests/unit/test_fuzz.py, test_codec.py, test_cache_entry.py"),
-    ("Redis killed and restarted, stalled, password-protected; with Redis down an "
-     "image_id is UNAVAILABLE and bytes are still served",
-     "tests/integration/test_system.py, tests/service/test_cache_redis.py, "
-     "test_vision_tokens.py"),
-    ("a request with the image bytes never inherits an image_id request's NOT_FOUND; "
-     "bytes that are not an image are not stored", "tests/service/test_vision_tokens.py"),
-    ("a replica killed mid-encode stalls that image at most the lock's 10 s; the lock is "
-     "renewed while encoding and released only by its owner; waiters give up at their "
-     "deadline", "tests/service/test_cache_redis.py"),
-    ("language service killed mid-stream: UNAVAILABLE in < 10 s, retries, recovery",
-     "tests/integration/test_system_faults.py"),
-    ("encoder replica killed: clear codes, Serve replaces it",
-     "tests/integration/test_system_faults.py"),
-    ("client cancel and deadline stop the generation in the language service",
-     "tests/integration/test_system_overload.py"),
-    ("past the language queue: RESOURCE_EXHAUSTED at once",
-     "tests/integration/test_system_overload.py, tests/service/test_language.py"),
-    ("one sequence cancelled, past its deadline or failing leaves the batch's others "
-     "unchanged; a request larger than the KV cache is refused naming it",
-     "tests/unit/test_batched_engine.py"),
-    ("corrupt, mismatched or forged cache entries (another key, another image, no valid "
-     "MAC when a secret is set, a layout out of range) and stored images that do not hash "
-     "to their id are dropped and re-encoded, never served",
-     "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py, "
-     "test_vision_tokens.py"),
-]
-"""What the soak exercises statistically, and where each behaviour is tested exactly."""
-
-
-def refusal_lines(failed: list[Result]) -> list[str]:
-    """What stopped the valid requests that failed outside fault windows, by message."""
-    if not failed:
-        return []
-    groups = collections.defaultdict(list)
-    for r in failed:
-        groups[(r.code, re.sub(r"\d+(\.\d+)?", "N", r.details))].append(r)
-    lines = ["Those requests, by status and message (numbers as N):", ""]
-    for (code, message), rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        at = ", ".join(f"{r.sent_s:.0f}" for r in rs[:12]) + (" ..." if len(rs) > 12 else "")
-        lines.append(f"* {len(rs)} x {code}: {message or '-'} (sent at s: {at})")
-    return [*lines, ""]
-
-
-def language_limits() -> str:
-    """What the soak's language service admits: its defaults, read from its config."""
-    from services.language.config import LanguageConfig
-
-    c = LanguageConfig()
-    return (f"the language service ({c.engine} engine, its defaults) decodes up to "
-            f"{c.batching.max_batch_size} sequences at once in a KV cache of "
-            f"{c.batching.kv_cache_tokens:,} tokens, and {c.max_queue} more may wait")
-
-
-def kinds_valid(result: Result) -> bool:
-    return result.kind in ("hit", "miss", "prune")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -565,11 +377,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from loadtest.bench import machine
+    from loadtest.soak_report import report
     from services.local import LocalSystem, free_port
 
-    os.environ["HERO_API_TOKENS"] = TOKEN
+    os.environ["HERO_VISION_API_TOKENS"] = TOKEN
     system = LocalSystem("tiny", args.models_dir, grpc_port=free_port(), num_cpus=2,
-                         language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096"})
+                         language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS":
+                                       str(LONG["max_new_tokens"])})
     system.start()
     try:
         run = asyncio.run(soak(system, args.duration, args.rate, args.seed))

@@ -28,6 +28,7 @@ from hero_core.methods import create_method
 from hero_core.models import resolve_spec
 from hero_core.packing import PackedTokens, pack_tokens
 from hero_core.tiling import TilingSpec, plan_grid
+from hero_core.tiny import LM_SHAPES
 from services.language.batching import BatchingEngine
 from services.language.config import BatchingConfig
 from services.language.decoding import Delta, SamplingParams
@@ -35,7 +36,8 @@ from services.language.engine import Finished
 from services.language.model import EngineRequest, LanguageModel
 from services.language.sequential import SequentialEngine
 
-MODEL_DIR = Path("models/llama-0.3b")
+LM_NAME = "llama-0.3b"
+MODEL_DIR = Path("models") / LM_NAME
 CONCURRENCY = (1, 4, 8, 16)
 RETENTIONS = (0.111, 1.0)
 MAX_NEW_TOKENS = 48
@@ -46,8 +48,8 @@ FIT_AT_0111 = 16
 def load_model() -> LanguageModel:
     from hero_core.tiny import build_tiny, is_built
 
-    if not is_built(MODEL_DIR, lm="llama-0.3b"):
-        build_tiny(MODEL_DIR, lm="llama-0.3b")
+    if not is_built(MODEL_DIR, lm=LM_NAME):
+        build_tiny(MODEL_DIR, lm=LM_NAME)
     return LanguageModel(resolve_spec(str((MODEL_DIR / "llava").resolve()), MODEL_DIR))
 
 
@@ -156,7 +158,11 @@ def bare_step(model: LanguageModel, context: int, batch: int, repeats: int = 7) 
     return batch / statistics.median(times)
 
 
-def ttft_ab(engines: dict[str, Any], request: EngineRequest, repeats: int = 7
+TTFT_REPEATS = 7
+"""Single requests per engine behind the TTFT-alone comparison."""
+
+
+def ttft_ab(engines: dict[str, Any], request: EngineRequest, repeats: int = TTFT_REPEATS
             ) -> dict[str, float]:
     """Median time to first token of one request alone, the engines taking turns (so
     drift on a shared machine hits both alike)."""
@@ -207,8 +213,38 @@ def run(concurrency: tuple[int, ...] = CONCURRENCY,
             "params": params, "kv_bytes_per_token": model.kv_shape().bytes_per_token}
 
 
+PREFILL_CHUNK = BatchingConfig.model_fields["max_prefill_tokens_per_step"].default
+"""The batched engine's default prefill chunk, which these runs use."""
+
+
+def lm_shape(name: str = LM_NAME) -> str:
+    """The benchmark LM's shape, as the model builder defines it."""
+    shape = LM_SHAPES[name]
+    return (f"hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, GQA "
+            f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, "
+            f"{shape['vocab_size']:,} vocabulary")
+
+
 def find(rows: list[Row], engine: str, retention: float, c: int) -> Row:
     return next(r for r in rows if (r.engine, r.retention, r.concurrency) == (engine, retention, c))
+
+
+def column_notes(context: int) -> list[str]:
+    """What the table's columns measure."""
+    return [
+        "* **C decoding**: decode tokens per second while C sequences decode: for the batched "
+        "engine over its steps with all C in the batch (sampling and streaming included), "
+        "for the one-at-a-time engine each request's own decode rate (it never decodes two "
+        "at once).",
+        "* **whole wave**: every token after each request's first, per second spent in decode "
+        "steps over the whole run, including the first steps (later prompts still being "
+        "prefilled, so fewer than C decode) and the last (sequences leaving).",
+        "* **bare step**: a plain batched decode forward of the same model at batch C with "
+        f"the KV of {context} tokens per row in place (transformers' DynamicCache, no "
+        "server, no sampling), measured right after the batched run.",
+        "* **TTFT**: arrival to first token over the C requests; **end-to-end**: every "
+        "token over the wave's wall time, prefills included.",
+    ]
 
 
 def report(r: dict[str, Any], plot_path: Path | None = None) -> str:
@@ -218,29 +254,19 @@ def report(r: dict[str, Any], plot_path: Path | None = None) -> str:
     lines = [
         "## Language service: continuous batching against one at a time",
         "",
-        f"LLaVA-NeXT with a {r['params'] / 1e9:.2f} B Llama (hidden 1024, 16 layers, GQA 16/4 "
-        "heads, 32,000 vocabulary), random weights, fp32, CPU. Each request: one 2x2-grid "
+        f"LLaVA-NeXT with a {r['params'] / 1e9:.2f} B Llama ({lm_shape()}), random weights, "
+        "fp32, CPU. Each request: one 2x2-grid "
         f"image's visual embeddings and a short question, {MAX_NEW_TOKENS} generated tokens; "
         "C requests arrive at once, after a warm-up request through each engine. Engines "
         "driven through the API the gRPC server uses (`Engine.stream`); the one-at-a-time "
-        "engine has one slot, the batched engine its default prefill chunk (512 tokens) and "
+        "engine has one slot, the batched engine its default prefill chunk "
+        f"({PREFILL_CHUNK} tokens) and "
         f"the same KV budget in every run: {r['kv_tokens']:,} tokens "
         f"({r['kv_tokens'] * r['kv_bytes_per_token'] / 2**20:.0f} MiB), which holds " +
         ", ".join(f"{fits[ret]} requests at retention {ret:g} ({r['reserve'][ret]:,} tokens "
                   "each: prompt + visual + max_new_tokens)" for ret in retentions) + ".",
         "",
-        "* **C decoding**: decode tokens per second while C sequences decode: for the batched "
-        "engine over its steps with all C in the batch (sampling and streaming included), "
-        "for the one-at-a-time engine each request's own decode rate (it never decodes two "
-        "at once).",
-        "* **whole wave**: every token after each request's first, per second spent in decode "
-        "steps over the whole run, including the first steps (later prompts still being "
-        "prefilled, so fewer than C decode) and the last (sequences leaving).",
-        "* **bare step**: a plain batched decode forward of the same model at batch C with "
-        f"the KV of {r['context']} tokens per row in place (transformers' DynamicCache, no "
-        "server, no sampling), measured right after the batched run.",
-        "* **TTFT**: arrival to first token over the C requests; **end-to-end**: every "
-        "token over the wave's wall time, prefills included.",
+        *column_notes(r["context"]),
         "",
         "| retention | C | engine | C decoding tok/s | vs one at a time | whole wave tok/s "
         "| bare step tok/s | C decoding / bare | TTFT p50 s | TTFT p99 s | end-to-end tok/s "
@@ -267,6 +293,7 @@ def report(r: dict[str, Any], plot_path: Path | None = None) -> str:
 def conclusions(r: dict[str, Any], fits: dict[float, int]) -> list[str]:
     rows, low = r["rows"], min(fits)
     cs = sorted({row.concurrency for row in rows})
+    top = max(cs)
     out = []
     if 8 in cs:
         b8, s8 = find(rows, "batched", low, 8), find(rows, "one at a time", low, 8)
@@ -278,22 +305,27 @@ def conclusions(r: dict[str, Any], fits: dict[float, int]) -> list[str]:
                    "(target >= 80 %).")
     alone = r["ttft_alone"]
     out.append(f"At 1 request its TTFT is **{alone['batched'] / alone['one at a time']:.2f}x** "
-               f"the one-at-a-time engine's (target <= 1.1x): median of 7 single requests "
-               f"at retention {low:g}, the engines taking turns, {alone['batched']:.2f} s "
+               f"the one-at-a-time engine's (target <= 1.1x): median of {TTFT_REPEATS} single "
+               f"requests at retention {low:g}, the engines taking turns, {alone['batched']:.2f} s "
                f"against {alone['one at a time']:.2f} s.")
     if len(fits) > 1:
-        high, top = max(fits), max(cs)
+        high = max(fits)
         out.append(f"Same KV budget, retention {high:g}: {fits[high]} requests fit at once "
                    f"against {fits[low]} at {low:g}. At {top} concurrent requests the batched "
                    f"engine decodes {find(rows, 'batched', low, top).wave_tps:.1f} tok/s at "
                    f"{low:g} and {find(rows, 'batched', high, top).wave_tps:.1f} at {high:g} "
                    "(whole wave): the tokens HERO drops become batch places, and the batch "
                    "is where the throughput is.")
-    out.append("On two CPU cores a batch of 8 decodes only ~3.6x the tokens/s of one "
-               "sequence (the bare step column); on a GPU, where one sequence leaves the device "
-               "mostly idle, the same engine's gain is far larger. Prefill is chunked at 512 "
-               "tokens per step while others decode, so a new prompt stalls them for one chunk; "
-               "the whole-wave numbers pay for that bound on inter-token latency.")
+    bare = {row.concurrency: row.bare_tps for row in rows
+            if row.engine == "batched" and row.retention == low and row.bare_tps}
+    if 1 in bare and top in bare:
+        out.append(f"On this CPU a batch of {top} decodes only {bare[top] / bare[1]:.1f}x the "
+                   "tokens/s of one sequence (the bare step column); on a GPU, where one "
+                   "sequence leaves the device mostly idle, the same engine's gain is far "
+                   "larger.")
+    out.append(f"Prefill is chunked at {PREFILL_CHUNK} tokens per step while others decode, so "
+               "a new prompt stalls them for one chunk; the whole-wave numbers pay for that "
+               "bound on inter-token latency.")
     return [line for c in out for line in (c, "")][:-1]
 
 

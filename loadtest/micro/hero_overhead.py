@@ -28,15 +28,17 @@ from hero_core.probe import cls_attention_row
 from hero_core.tiling import TilingSpec, plan_grid
 
 CROPS = 5
+VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+          "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+"""CLIP-ViT-L/14-336's vision tower."""
+QUESTION = "What is written on the small sign next to the red door on the left?"
 
 
 def clip_l_vision(attn: str = "sdpa") -> Any:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, image_size=336, patch_size=14,
-                              projection_dim=768)
+    config = CLIPVisionConfig(**VISION, projection_dim=768)
     config._attn_implementation = attn
     return CLIPVisionModel(config).eval()
 
@@ -78,7 +80,7 @@ def run_timing(repeats: int = 3) -> dict[str, float]:
     grid = plan_grid((672, 680), TilingSpec())
     hero = create_method("hero")
     encoded = encoder.encode(pixels, hero.attention_layers())
-    question = "What is written on the small sign next to the red door on the left?"
+    question = QUESTION
     q = text.embed(question)
     keys = torch.randn(CROPS, 577, 1024)
     q_cls = torch.randn(CROPS, 1024)
@@ -120,10 +122,15 @@ def _forward_once(mode: str) -> None:
         row = [a[:, :, 0, 1:].sum(1) for a in out.attentions]
         del row
     elif mode == "probe":
-        VisionEncoder(tower).encode(pixels, attention_layers=(11, 22))
+        VisionEncoder(tower).encode(pixels, attention_layers=hero_layers())
     else:
         VisionEncoder(tower).encode(pixels)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def hero_layers() -> tuple[int, ...]:
+    """The layers whose CLS row HERO reads (its defaults)."""
+    return tuple(create_method("hero").attention_layers())
 
 
 def run_memory() -> dict[str, int]:
@@ -138,12 +145,15 @@ def report(timing: dict[str, float], memory: dict[str, int]) -> str:
     share = added / t["tower_forward_ms"]
     mib = 1024 * 1024
     extra_probe = (memory["probe"] - memory["plain"]) / mib
+    layers, patches = hero_layers(), (VISION["image_size"] // VISION["patch_size"]) ** 2
+    keys_mib = CROPS * (patches + 1) * VISION["hidden_size"] * 4 / mib
     extra_attn = (memory["attentions"] - memory["plain"]) / mib
     lines = [
         "## HERO overhead on the CLIP-ViT-L/14-336 shape",
         "",
         f"Random weights, fp32, {CROPS} crops (one 2x2 image), SDPA attention, question of "
-        "~30 CLIP tokens. Median of interleaved repeats, one process.",
+        f"{len(_Tokenizer()([QUESTION])['input_ids'][0])} CLIP tokens. Median of interleaved "
+        "repeats, one process.",
         "",
         "| piece | ms | share of tower forward |",
         "|---|---:|---:|",
@@ -167,11 +177,13 @@ def report(timing: dict[str, float], memory: dict[str, int]) -> str:
         "",
         "| mode | extra peak RSS |",
         "|---|---:|",
-        f"| CLS-row probe at layers 11 and 22 | {extra_probe:.0f} MiB |",
-        f"| `output_attentions=True` (eager, all 24 layers) | {extra_attn:.0f} MiB |",
+        f"| CLS-row probe at layers {' and '.join(map(str, layers))} | {extra_probe:.0f} MiB |",
+        f"| `output_attentions=True` (eager, all {VISION['num_hidden_layers']} layers) | "
+        f"{extra_attn:.0f} MiB |",
         "",
-        "The probe keeps one layer's keys at a time (5 x 577 x 1024 fp32 = 11 MiB) and two",
-        "`(5, 576)` rows; that transient stays under the forward's own peak.",
+        f"The probe keeps one layer's keys at a time ({CROPS} x {patches + 1} x "
+        f"{VISION['hidden_size']} fp32 = {keys_mib:.0f} MiB) and {len(layers)} "
+        f"`({CROPS}, {patches})` rows; that transient stays under the forward's own peak.",
         "",
     ]
     return "\n".join(lines)

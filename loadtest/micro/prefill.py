@@ -69,7 +69,7 @@ def run(repeats: int = 2) -> dict[str, Any]:
                 times.append(time.perf_counter() - start)
             rows.append({"ratio": ratio, "tokens": tokens, "seconds": statistics.median(times),
                          "flops": prefill_flops(tokens)})
-    return {"params": params, "rows": rows}
+    return {"params": params, "rows": rows, "repeats": repeats}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -77,10 +77,11 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "## LLM prefill against retention (~1B Llama shape)",
         "",
-        f"{r['params'] / 1e9:.2f} B parameters (hidden 2048, 22 layers, GQA 32/4 heads), random "
-        f"weights, fp32, SDPA; one prefill of a {PROMPT_TOKENS}-token prompt plus the visual "
-        "embeddings of one 2x2-grid image (HERO's kept tokens and their newlines). Median of "
-        "2 runs.",
+        f"{r['params'] / 1e9:.2f} B parameters (hidden {SHAPE['hidden_size']}, "
+        f"{SHAPE['num_hidden_layers']} layers, GQA {SHAPE['num_attention_heads']}/"
+        f"{SHAPE['num_key_value_heads']} heads), random weights, fp32, SDPA; one prefill of a "
+        f"{PROMPT_TOKENS}-token prompt plus the visual embeddings of one 2x2-grid image "
+        f"(HERO's kept tokens and their newlines). Median of {r['repeats']} runs.",
         "",
         "| retention | prefill tokens | prefill s | measured speedup | theoretical FLOP ratio |",
         "|---:|---:|---:|---:|---:|",

@@ -1,6 +1,6 @@
 """Bearer-token authentication of gRPC calls, the same for both services.
 
-The accepted tokens come from an environment variable filled from a secret (comma-
+The accepted tokens come from the service's settings, filled from a secret (comma-
 separated, so a token can be rotated by accepting old and new for a while); none set
 turns authentication off. Tokens are compared in constant time and never logged.
 """
@@ -8,10 +8,12 @@ turns authentication off. Tokens are compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import SecretStr
+
+from services.common.config import secret_value
 from services.common.errors import UnauthenticatedError
 
 
@@ -22,8 +24,9 @@ class BearerTokens:
         self._accepted = [t.strip().encode() for t in tokens if t.strip()]
 
     @classmethod
-    def from_env(cls, name: str, environ: Mapping[str, str] = os.environ) -> BearerTokens:
-        return cls(environ.get(name, "").split(","))
+    def from_secret(cls, secret: SecretStr | None) -> BearerTokens:
+        """The tokens of a comma-separated secret (none: authentication off)."""
+        return cls((secret_value(secret) or "").split(","))
 
     @property
     def enabled(self) -> bool:

@@ -1,63 +1,67 @@
-"""Service configuration: one pydantic model per service, from YAML plus environment.
+"""Service configuration: one pydantic-settings model per service.
 
-Precedence, lowest first: the model's defaults, the YAML file, environment variables
-named `PREFIX` + field name in upper case (nested fields joined by `__`, e.g.
-`HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS`). Read once in `main()` and passed down.
+Precedence, lowest first: the model's defaults, the YAML file (or, for the vision
+service, the Serve config's application `args`), then environment variables named
+`PREFIX` + field name (nested fields joined by `__`, e.g.
+`HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS`). Values from the environment are parsed by
+pydantic, field by field: `no` is a string where a string is expected; lists and
+mappings are JSON (`HERO_LANGUAGE_ACCEPTED_DTYPES='["float16", "int8"]'`). Secrets are
+`SecretStr` fields, filled from the environment (a Kubernetes secret) and never
+printed. Unknown keys in the file are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def env_overrides(model: type[BaseModel], prefix: str, environ: Mapping[str, str]
-                  ) -> dict[str, Any]:
-    """Nested dict of the environment variables that name fields of `model`."""
-    out: dict[str, Any] = {}
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name.upper()}"
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            nested = env_overrides(sub, key + "__", environ)
-            if nested:
-                out[name] = nested
-        elif key in environ:
-            out[name] = _parse(environ[key])
-    return out
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
-def _parse(value: str) -> Any:
-    # YAML scalars give lists ("[a, b]"), booleans and numbers; pydantic checks types.
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
+class ServiceSettings(BaseSettings):
+    """Base of the services' settings; a subclass sets `env_prefix` in its `model_config`."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid",
+                                      case_sensitive=False)
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The first source wins: the environment beats the file's values (passed to the
+        # constructor), which beat the defaults.
+        return env_settings, init_settings
+
+    @classmethod
+    def load(cls, path: Path | None = None, values: Mapping[str, Any] | None = None) -> Self:
+        """Defaults < the YAML file at `path` < `values` < the process environment."""
+        data = read_yaml(path) if path is not None else {}
+        return cls(**deep_merge(data, dict(values or {})))
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a YAML mapping")
+    return loaded
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` laid over it, mappings merged key by key."""
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def load_config(model: type[ModelT], path: Path | None, prefix: str,
-                environ: Mapping[str, str]) -> ModelT:
-    """Defaults < YAML file at `path` < environment; validated by `model`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a YAML mapping")
-        data = loaded
-    return model.model_validate(merge(data, env_overrides(model, prefix, environ)))
+def secret_value(secret: SecretStr | None) -> str | None:
+    """The secret's text; None when unset or empty."""
+    return (secret.get_secret_value() if secret is not None else "") or None

@@ -1,11 +1,15 @@
-"""Configuration of the language service (YAML file plus HERO_LANGUAGE_* variables)."""
+"""Configuration of the language service: a YAML file, then `HERO_LANGUAGE_*` variables."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from hero_core.config import DEFAULT_LIMITS
+from services.common.config import ServiceSettings
 
 ENV_PREFIX = "HERO_LANGUAGE_"
 
@@ -19,7 +23,7 @@ class LimitsConfig(BaseModel):
     """Largest max_new_tokens a request may ask for."""
     max_prompt_tokens: int = Field(2048, ge=1)
     """Longest prompt in tokens, visual tokens excluded."""
-    max_prompt_chars: int = Field(16384, ge=1)
+    max_prompt_chars: int = Field(DEFAULT_LIMITS.max_prompt_chars, ge=1)
     """Longest prompt in characters (checked before tokenising)."""
     max_visual_tokens: int = Field(8192, ge=1)
     """Most visual tokens one request may carry."""
@@ -68,10 +72,10 @@ class VllmConfig(BaseModel):
 WireDType = Literal["float32", "float16", "bfloat16", "int8"]
 
 
-class LanguageConfig(BaseModel):
+class LanguageConfig(ServiceSettings):
     """Everything the language service reads at start."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
     model: str = "tiny"
     """Preset (tiny, llava-v1.6-vicuna-7b, ...), checkpoint directory or hub id."""
@@ -100,9 +104,9 @@ class LanguageConfig(BaseModel):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     """CA of client certificates; set it to require mutual TLS (the vision service's)."""
-    api_tokens_env: str = "HERO_INTERNAL_TOKENS"
-    """Environment variable (from a secret) with the comma-separated bearer tokens the
-    LanguageService accepts; unset or empty turns authentication off (health and
+    api_tokens: SecretStr | None = None
+    """Comma-separated bearer tokens the LanguageService accepts (from a secret, as
+    `HERO_LANGUAGE_API_TOKENS`); unset or empty turns authentication off (health and
     reflection never need one)."""
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl, Postman)."""

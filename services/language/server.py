@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import time
 import uuid
@@ -35,13 +34,12 @@ from services.common.codec import (
     check_tensor_header,
     packed_from_layout,
 )
-from services.common.config import load_config
 from services.common.errors import DeadlineError, UnavailableError, status_for
 from services.common.metrics import serve_metrics
 from services.common.params import check_generation_params, turns_of
 from services.common.tls import server_credentials
 from services.language.admission import Admission
-from services.language.config import ENV_PREFIX, LanguageConfig, LimitsConfig
+from services.language.config import LanguageConfig, LimitsConfig
 from services.language.engine import (
     Delta,
     Engine,
@@ -110,7 +108,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.engine: Engine | None = None
         self.admission = Admission(config.max_queue, self._occupancy, self._describe)
         self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
-        self.auth = BearerTokens.from_env(config.api_tokens_env)
+        self.auth = BearerTokens.from_secret(config.api_tokens)
 
     async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> language_pb2.ModelInfo:
@@ -325,5 +323,5 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    config = load_config(LanguageConfig, args.config, ENV_PREFIX, os.environ)
+    config = LanguageConfig.load(args.config)
     asyncio.run(serve(config))

@@ -3,38 +3,49 @@
     python -m services.vision [--serve-config services/vision/serve_config.yaml]
 
 Application args come from the Serve config; environment variables `HERO_VISION_<KEY>`
-override them (nested keys with `__`, e.g. `HERO_VISION_CACHE__URL`), and
-`HERO_VISION_GRPC_PORT` sets the gRPC port and `HERO_VISION_METRICS_PORT` the port
-where Ray exports the Prometheus metrics. On a Ray cluster use KubeRay's RayService
-or `serve deploy` with the same file instead. SIGTERM shuts Serve and Ray down.
+override them in every process that loads them (nested keys with `__`, e.g.
+`HERO_VISION_CACHE__URL`; see `services.vision.config`). `HERO_VISION_GRPC_PORT` sets
+the gRPC port and `HERO_VISION_METRICS_PORT` the port where Ray exports the Prometheus
+metrics (`NodeSettings`). On a Ray cluster use KubeRay's RayService or `serve deploy`
+with the same file instead. SIGTERM shuts Serve and Ray down.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.common.config import env_overrides, merge
-from services.vision.config import VisionConfig
+from services.common.config import ServiceSettings
+from services.vision.config import ENV_PREFIX, VisionConfig
 from services.vision.runner import SERVE_CONFIG, ServeApp
 
-ENV_PREFIX = "HERO_VISION_"
+
+class NodeSettings(ServiceSettings):
+    """The single-node runner's own settings, beside the application's args."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    """Serve's gRPC port; None: the Serve config's."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Where Ray exports the Prometheus metrics; None: a port of Ray's choosing."""
 
 
-def resolve_config(path: Path, environ: dict[str, str]) -> dict[str, Any]:
+def resolve_config(path: Path, node: NodeSettings) -> dict[str, Any]:
+    """The Serve config at `path` with the node's settings; its app args are checked
+    (with this environment over them) so a bad value fails here, before Ray starts."""
     config: dict[str, Any] = yaml.safe_load(path.read_text())
-    app = config["applications"][0]
-    args = merge(app.get("args", {}), env_overrides(VisionConfig, ENV_PREFIX, environ))
-    app["args"] = VisionConfig.model_validate(args).model_dump(mode="json")
-    if f"{ENV_PREFIX}GRPC_PORT" in environ:
-        config["grpc_options"]["port"] = int(environ[f"{ENV_PREFIX}GRPC_PORT"])
+    VisionConfig.load(values=config["applications"][0].get("args", {}))
+    if node.grpc_port is not None:
+        config["grpc_options"]["port"] = node.grpc_port
     return config
 
 
@@ -43,9 +54,9 @@ def main() -> None:
     parser.add_argument("--serve-config", type=Path, default=SERVE_CONFIG)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    metrics_port = os.environ.get(f"{ENV_PREFIX}METRICS_PORT")
-    app = ServeApp(resolve_config(args.serve_config, dict(os.environ)),
-                   metrics_export_port=int(metrics_port) if metrics_port else None).start()
+    node = NodeSettings()
+    app = ServeApp(resolve_config(args.serve_config, node),
+                   metrics_export_port=node.metrics_port).start()
     print(f"vision service ready on port {app.config['grpc_options']['port']}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,8 +1,9 @@
 """The vision service's Ray Serve application.
 
 `serve_config.yaml` in this folder is the deployment's single source (also the
-`serveConfigV2` of the KubeRay RayService): its `args` become `VisionConfig`, its
-`deployments` set each deployment's replicas, autoscaling and resources.
+`serveConfigV2` of the KubeRay RayService): its `args`, with each process's
+`HERO_VISION_*` environment over them, become `VisionConfig`; its `deployments` set each
+deployment's replicas, autoscaling and resources.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ def build_app(args: dict[str, Any],
     """Application builder: `import_path: services.vision.app:build_app`. `deployments`:
     per-deployment settings of a Serve config (`name` plus `.options()` fields) when the
     app is run from Python rather than deployed from the config by Serve or KubeRay."""
-    config = VisionConfig.model_validate(args).model_dump(mode="json")
+    VisionConfig.load(values=args)  # a bad value fails the deploy here, not in a replica
+    # The args travel as given; each replica loads them with its own environment, so
+    # secrets never ride in the deployments' arguments.
+    config = dict(args)
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments}
     encoder = EncoderDeployment.options(**options.get("Encoder", {})).bind(config)
     return IngressDeployment.options(**options.get("VisionIngress", {})).bind(encoder, config)

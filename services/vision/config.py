@@ -1,7 +1,10 @@
 """Configuration of the vision service: the `args` of the Serve application.
 
-The Serve config YAML (`serve_config.yaml`) is the single source: Ray Serve passes
-its `applications[].args` here, validated by `VisionConfig` (unknown keys refused).
+The Serve config YAML (`serve_config.yaml`) is the single source, whoever deploys it
+(`hero serve`, `python -m services.vision`, KubeRay's `serveConfigV2`): Ray Serve passes
+its `applications[].args` to `build_app`, and every replica loads `VisionConfig` from
+them and its own environment (`HERO_VISION_*`, nested keys joined by `__`), so secrets
+reach each process from its environment and never travel in the args.
 """
 
 from __future__ import annotations
@@ -9,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from hero_core.config import DEFAULT_LIMITS
+from services.common.config import ServiceSettings
+
+ENV_PREFIX = "HERO_VISION_"
 
 
 class CacheConfig(BaseModel):
@@ -25,12 +34,12 @@ class CacheConfig(BaseModel):
     """Entries larger than this are not stored."""
     timeout_s: float = Field(0.25, gt=0)
     """Per-operation timeout; a slower Redis is a miss."""
-    password_env: str = "REDIS_PASSWORD"
-    """Environment variable holding the Redis password (from a secret); unset = none."""
+    password: SecretStr | None = None
+    """The Redis password (from a secret, as `HERO_VISION_CACHE__PASSWORD`); unset = none."""
     tls_ca_file: str | None = None
     """CA bundle that signs the Redis server certificate (rediss:// only)."""
-    secret_env: str = "HERO_CACHE_SECRET"
-    """Environment variable (from a secret) with the key of the entries' HMAC-SHA256;
+    secret: SecretStr | None = None
+    """Key of the entries' HMAC-SHA256 (from a secret, as `HERO_VISION_CACHE__SECRET`);
     set, entries without a valid MAC (written by anyone without it) are dropped."""
     lock_ttl_s: float = Field(10.0, gt=0)
     """Lifetime of the lock a replica holds while it encodes an image; it renews the lock
@@ -52,28 +61,28 @@ class BatchConfig(BaseModel):
     """How long a partial batch waits for more images."""
 
 
-class VisionConfig(BaseModel):
+class VisionConfig(ServiceSettings):
     """Everything the vision service reads at start."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
     model: str = "tiny"
     """Preset, checkpoint directory or hub id (as for the language service)."""
     models_dir: Path = Path("models")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    api_tokens_env: str = "HERO_API_TOKENS"
-    """Environment variable (from a secret) with the comma-separated bearer tokens the
-    public API accepts; unset or empty turns authentication off (local use)."""
+    api_tokens: SecretStr | None = None
+    """Comma-separated bearer tokens the public API accepts (from a secret, as
+    `HERO_VISION_API_TOKENS`); unset or empty turns authentication off (local use)."""
     torch_threads: int = Field(0, ge=0)
     """CPU threads for the encoder's torch ops; 0 = every core. Ray limits a replica to
     its `num_cpus` threads otherwise, which starves a CPU encoder."""
     language_target: str = "127.0.0.1:50052"
     """The language service: host:port, or dns:///name:port for a headless Service whose
     every address is a language pod (calls are then balanced over them)."""
-    language_token_env: str = "HERO_INTERNAL_TOKEN"
-    """Environment variable (from a secret) with the token the language service accepts,
-    when it requires one (its `api_tokens_env`); unset = none sent."""
+    language_token: SecretStr | None = None
+    """The token sent to the language service, when it requires one (one of its
+    `api_tokens`; from a secret, as `HERO_VISION_LANGUAGE_TOKEN`); unset = none sent."""
     language_lb_policy: Literal["round_robin", "pick_first"] = "round_robin"
     """How calls spread over the addresses the target resolves to: round_robin balances
     every call; pick_first keeps one connection."""
@@ -82,9 +91,9 @@ class VisionConfig(BaseModel):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-method config overrides, e.g. {"hero": {"max_tokens_per_crop": 144}}; they
     change the method's fingerprint, hence its cache keys."""
-    max_image_bytes: int = Field(32 << 20, ge=1)
-    max_image_pixels: int = Field(50_000_000, ge=1)
-    max_prompt_chars: int = Field(16384, ge=1)
+    max_image_bytes: int = Field(DEFAULT_LIMITS.max_image_bytes, ge=1)
+    max_image_pixels: int = Field(DEFAULT_LIMITS.max_image_pixels, ge=1)
+    max_prompt_chars: int = Field(DEFAULT_LIMITS.max_prompt_chars, ge=1)
     language_timeout_s: float = Field(300.0, gt=0)
     """Deadline of one call to the language service."""
     language_tls_ca_file: str | None = None

@@ -54,7 +54,7 @@ class Encoder:
     """Holds the vision tower and the CLIP text tower of one model."""
 
     def __init__(self, config: dict[str, Any]):
-        self.config = VisionConfig.model_validate(config)
+        self.config = VisionConfig.load(values=config)
         if self.config.device == "cpu":
             torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,

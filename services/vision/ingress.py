@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from hero_core.errors import InvalidInputError
 from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
 from services.common.auth import BearerTokens
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
+from services.common.config import secret_value
 from services.common.errors import (
     NotFoundError,
     OverloadedError,
@@ -148,7 +148,7 @@ def language_client(config: VisionConfig) -> LanguageClient:
                                   config.language_tls_key_file)
     return LanguageClient(config.language_target, credentials=tls,
                           options=[("grpc.lb_policy_name", config.language_lb_policy)],
-                          token=os.environ.get(config.language_token_env) or None)
+                          token=secret_value(config.language_token))
 
 
 class VisionIngress:
@@ -158,7 +158,7 @@ class VisionIngress:
         """`encoder`: the encoder deployment's handle (or, in tests, any `EncoderClient`)."""
         from transformers import AutoConfig
 
-        self.config = VisionConfig.model_validate(config)
+        self.config = VisionConfig.load(values=config)
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,
                             self.config.dtype)
         model_config = AutoConfig.from_pretrained(spec.model,
@@ -166,9 +166,9 @@ class VisionIngress:
         tiling = load_tiling(spec, int(model_config.vision_config.patch_size))
         self.metrics = VisionMetrics()
         cache = self.config.cache
-        store = open_store(cache.url, cache.timeout_s, password=os.environ.get(cache.password_env),
+        store = open_store(cache.url, cache.timeout_s, password=secret_value(cache.password),
                            tls_ca_file=cache.tls_ca_file)
-        secret = os.environ.get(cache.secret_env, "").encode() or None
+        secret = (secret_value(cache.secret) or "").encode() or None
         self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes,
                                 lock_ttl_s=cache.lock_ttl_s, secret=secret)
         self.source = TokenSource(
@@ -177,7 +177,7 @@ class VisionIngress:
             encoder_fingerprint(spec, model_config.vision_feature_layer, tiling),
             int(model_config.vision_config.hidden_size), self.metrics)
         self.language = language_client(self.config)
-        self.auth = BearerTokens.from_env(self.config.api_tokens_env)
+        self.auth = BearerTokens.from_secret(self.config.api_tokens)
         self._health: tuple[float, bool] = (0.0, False)
 
     def _authorize(self, grpc_context: Any) -> None:

@@ -43,7 +43,7 @@ class ServeApp:
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
         # Serve's proxy reads its message bound from the environment when it starts.
-        proxy_env = VisionConfig.model_validate(app.args).proxy_env()
+        proxy_env = VisionConfig.load(values=app.args).proxy_env()
         os.environ.update(proxy_env)
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
                  _node_ip_address="127.0.0.1", log_to_driver=False,

@@ -33,7 +33,7 @@ def system(tiny_dir):
     from services.local import LocalSystem, free_port
 
     # The public API requires a bearer token; Ray's workers inherit this environment.
-    os.environ["HERO_API_TOKENS"] = f"some-other-token,{API_TOKEN}"
+    os.environ["HERO_VISION_API_TOKENS"] = f"some-other-token,{API_TOKEN}"
     # float32 end to end, so the `full` method can be compared with stock transformers.
     system = LocalSystem("tiny", MODELS_DIR, grpc_port=free_port(), num_cpus=2,
                          vision_args={"cache": {"dtype": "float32"},

@@ -12,7 +12,12 @@ from hero.language.v1 import language_pb2_grpc
 
 from hero_core.generation import format_prompt, generate_greedy
 from hero_core.methods import create_method
-from services.local import free_port  # noqa: F401  (re-exported for the tests)
+from services.common.store import open_store
+from services.local import (
+    RedisProcess,
+    free_port,  # noqa: F401  (re-exported for the tests)
+)
+from services.vision.cache import CountingMetrics, TokenCache
 
 
 class ServerThread:
@@ -89,3 +94,19 @@ def reference(vlm):
         eos = vlm.model.generation_config.eos_token_id
         return tokens[: tokens.index(eos)] if eos in tokens else tokens
     return run
+
+
+@pytest.fixture()
+def redis_server() -> Iterator[RedisProcess]:
+    """A private Redis server process on a free loopback port, for one test."""
+    server = RedisProcess(maxmemory="64mb").start()
+    yield server
+    server.stop()
+
+
+def cache_for(url: str, **kwargs) -> tuple[TokenCache, CountingMetrics]:
+    """A token cache over the store at `url`, with metrics that count its events."""
+    metrics = CountingMetrics()
+    settings = {"ttl_s": 60.0, "max_entry_bytes": 1 << 20, **kwargs}
+    return TokenCache(open_store(url), metrics, settings["ttl_s"],
+                      settings["max_entry_bytes"]), metrics

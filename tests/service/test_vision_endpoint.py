@@ -281,7 +281,7 @@ def test_the_language_service_requires_the_token_it_is_given_and_the_vision_send
 
     from services.sdk.language import LanguageClient
 
-    monkeypatch.setenv("HERO_INTERNAL_TOKENS", "old-token,internal-token")
+    monkeypatch.setenv("HERO_LANGUAGE_API_TOKENS", "old-token,internal-token")
     server = language_server(language_model)
     target = f"127.0.0.1:{server.port}"
     try:
@@ -310,7 +310,7 @@ def test_the_language_service_requires_the_token_it_is_given_and_the_vision_send
 
         for token, status in (("", health_pb2.HealthCheckResponse.NOT_SERVING),
                               ("internal-token", health_pb2.HealthCheckResponse.SERVING)):
-            monkeypatch.setenv("HERO_INTERNAL_TOKEN", token)
+            monkeypatch.setenv("HERO_VISION_LANGUAGE_TOKEN", token)
             assert run(vision_health, encoder_object, redis_url,
                        language_target=target) == status
     finally:

@@ -13,7 +13,6 @@ from hero.vision.v1 import vision_pb2
 from hero_core.cache import entry_from_bytes, entry_to_bytes, image_digest, image_key, tokens_key
 from hero_core.errors import InvalidInputError
 from services.common.errors import UnavailableError
-from services.local import RedisProcess
 from services.vision.cache import CountingMetrics, seal, unseal
 from services.vision.encoder import Encoder
 from services.vision.ingress import VisionIngress
@@ -24,13 +23,6 @@ from tests.service.vision_harness import InProcessEncoder, png_bytes, vision_con
 @pytest.fixture(scope="module")
 def encoder_object(tiny_dir):
     return Encoder(vision_config("memory://"))
-
-
-@pytest.fixture()
-def redis_server():
-    server = RedisProcess(maxmemory="64mb").start()
-    yield server
-    server.stop()
 
 
 def by_bytes(data: bytes) -> vision_pb2.ImageInput:
@@ -103,7 +95,7 @@ def test_an_entry_rewritten_under_another_images_key_is_not_served(encoder_objec
 def test_with_a_secret_only_entries_with_its_mac_are_served(encoder_object, redis_server,
                                                             monkeypatch):
     raw = redis.Redis(port=redis_server.port)
-    monkeypatch.setenv("HERO_CACHE_SECRET", "test-secret-not-for-production")
+    monkeypatch.setenv("HERO_VISION_CACHE__SECRET", "test-secret-not-for-production")
 
     async def scenario(ingress, encoder):
         data = png_bytes(3)

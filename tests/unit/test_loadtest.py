@@ -95,7 +95,8 @@ def test_soak_verdicts_tell_deserved_outcomes_from_degraded_other_and_lost():
 
 
 def test_soak_report_counts_every_request_once_and_attributes_faults():
-    from loadtest.soak import Fault, Result, report
+    from loadtest.soak import Fault, Result
+    from loadtest.soak_report import report
 
     results = [Result("hit", 1.0, "OK", 0.1, "expected"),
                Result("hit", 9.0, "UNAVAILABLE", 3.0, "degraded", "down"),  # in flight at 10 s
@@ -129,3 +130,27 @@ def test_soak_memory_rows_follow_the_process_alive_at_the_end():
     assert [mb for _, mb in row["series"]] == [500.0, 550.0, 550.0]  # pid 1 was replaced
     assert row["growth_pct"] == pytest.approx(10.0)
     assert row["late_growth_pct"] == pytest.approx(0.0)
+
+
+def test_soak_report_states_the_limits_the_code_and_config_set(tmp_path, monkeypatch):
+    """The report's admission facts come from the Serve config and the language service's
+    settings, not from text that would go stale when they change."""
+    import yaml
+
+    import services.vision.runner as runner
+    from loadtest.soak import Result
+    from loadtest.soak_report import report
+
+    config = yaml.safe_load(runner.SERVE_CONFIG.read_text())
+    encoder = next(d for d in config["applications"][0]["deployments"]
+                   if d["name"] == "Encoder")
+    encoder.update(max_ongoing_requests=7, max_queued_requests=5)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(runner, "SERVE_CONFIG", path)
+    monkeypatch.setenv("HERO_LANGUAGE_MAX_QUEUE", "11")
+    text = report({"results": [Result("hit", 1.0, "OK", 0.1, "expected")], "faults": [],
+                   "duration_s": 10.0, "rate": 1.0, "seed": 0, "memory": [],
+                   "steady_from_s": 5.0}, "cmd", "machine")
+    assert "runs 7 encodes per replica and queues 5." in text
+    assert "and 11 more may wait" in text
