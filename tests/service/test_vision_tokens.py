@@ -17,7 +17,12 @@ from services.vision.cache import CountingMetrics, seal, unseal
 from services.vision.encoder import Encoder
 from services.vision.ingress import VisionIngress
 from services.vision.tokens import ImageNotFoundError
-from tests.service.vision_harness import InProcessEncoder, png_bytes, vision_config
+from tests.service.vision_harness import (
+    BatchingEncoder,
+    InProcessEncoder,
+    png_bytes,
+    vision_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +183,68 @@ def test_bytes_that_are_not_an_image_are_refused_and_not_stored(encoder_object,
             await ingress.source.tokens(by_bytes(junk), OPTIONS, "what?")
         assert raw.get(image_key(image_digest(junk))) is None and not encoder.jobs
     run(scenario, encoder_object, redis_server.url)
+
+
+def run_batched(scenario, encoder_object, redis_url: str, **batching):
+    """Run `scenario(source, encoder)`: the token path over an encoder that batches."""
+    async def main():
+        encoder = BatchingEncoder(encoder_object, **batching)
+        ingress = VisionIngress(encoder, vision_config(redis_url))
+        try:
+            await scenario(ingress.source, encoder)
+        finally:
+            await ingress.cache.store.close()
+            await ingress.language.close()
+    asyncio.run(main())
+
+
+def test_a_miss_encodes_and_stores_and_the_next_request_is_a_hit(encoder_object,
+                                                                   redis_server):
+    async def scenario(source, encoder):
+        data = png_bytes(21)
+        first = await source.tokens(by_bytes(data), OPTIONS, "what?")
+        second = await source.tokens(by_id(data), OPTIONS, "what?")
+        other = await source.tokens(by_bytes(data), OPTIONS, "and the colour?")
+        assert (first.cache_hit, second.cache_hit, other.cache_hit) == (False, True, True)
+        assert sum(len(b) for b in encoder.batches) == 1  # the hits did not encode
+        assert same_tokens(first, second)  # a hit serves what the miss made
+    run_batched(scenario, encoder_object, redis_server.url)
+
+
+def test_concurrent_misses_for_one_image_encode_it_once(encoder_object, redis_server):
+    async def scenario(source, encoder):
+        data = png_bytes(22)
+        served = await asyncio.gather(*(source.tokens(by_bytes(data), OPTIONS, f"q{i}?")
+                                        for i in range(4)))
+        assert [len(b) for b in encoder.batches] == [1]
+        assert all(same_tokens(t, served[0]) for t in served)
+    run_batched(scenario, encoder_object, redis_server.url)
+
+
+def test_one_bad_image_in_a_batch_fails_alone(encoder_object, redis_server):
+    """Two images encoded in one tower pass; the encoder fails one of them. Its request
+    gets the error, the other its tokens, the same as when encoded alone."""
+    good, bad = png_bytes(23), png_bytes(24)
+
+    async def alone(source, encoder):
+        truth.append(await source.tokens(by_bytes(good), OPTIONS, "what?"))
+
+    truth: list = []
+    run_batched(alone, encoder_object, redis_server.url)
+    redis.Redis(port=redis_server.port).flushall()
+
+    async def scenario(source, encoder):
+        served, failed = await asyncio.gather(
+            source.tokens(by_bytes(good), OPTIONS, "what?"),
+            source.tokens(by_bytes(bad), OPTIONS, "what?"), return_exceptions=True)
+        assert [len(b) for b in encoder.batches] == [2]  # one tower pass for both
+        assert isinstance(failed, Exception) and "no-such-method" in str(failed)
+        assert not served.cache_hit and same_tokens(served, truth[0])
+        assert not await source.cache.get(key_of_source(source, bad))  # nothing stored
+    run_batched(scenario, encoder_object, redis_server.url,
+                sabotage=frozenset({image_digest(bad)}))
+
+
+def key_of_source(source, data: bytes) -> str:
+    method_fp = source.config.method(source.config.default_method).compute_hash()
+    return tokens_key(image_digest(data), source.encoder_fp, method_fp)

@@ -4,6 +4,7 @@ Redis, and (where a test needs one) a real language server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from typing import Any
 
@@ -43,6 +44,46 @@ class InProcessEncoder:
         if isinstance(result, Exception):
             raise result
         return result
+
+    async def embed_question(self, question: str) -> Any:
+        return await self.encoder.embed_question(question)
+
+
+class BatchingEncoder:
+    """`EncoderClient` that gathers the jobs arriving within `window_s` and encodes them
+    in one `Encoder.encode_now` call, as `@serve.batch` does; each caller gets its own
+    result or exception. Jobs of images in `sabotage` (digests) ask for a method that
+    does not exist, so the encoder fails them."""
+
+    def __init__(self, encoder: Encoder, window_s: float = 0.2,
+                 sabotage: frozenset[str] = frozenset()):
+        self.encoder, self.window_s, self.sabotage = encoder, window_s, sabotage
+        self.batches: list[list[EncodeJob]] = []
+        self._pending: list[tuple[EncodeJob, asyncio.Future[Any]]] = []
+        self._flushing: asyncio.Future[None] | None = None
+
+    async def encode(self, job: EncodeJob) -> EncodeResult:
+        if job.origin.image in self.sabotage:
+            job = dataclasses.replace(job, method="no-such-method")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_later(self.window_s, self._flush_soon)
+        result = await future
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _flush_soon(self) -> None:
+        self._flushing = asyncio.ensure_future(self._flush())  # kept: tasks are weak refs
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        jobs = [job for job, _ in batch]
+        self.batches.append(jobs)
+        results = await asyncio.to_thread(self.encoder.encode_now, jobs)
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
 
     async def embed_question(self, question: str) -> Any:
         return await self.encoder.embed_question(question)
