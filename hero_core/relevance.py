@@ -57,7 +57,8 @@ def find_minilm_dir() -> Path:
 class SentenceEncoder:
     """all-MiniLM-L6-v2 as sentence-transformers runs it: BERT, mean over the tokens, L2."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = 256):
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 256):
+        # model: a transformers `BertModel`; tokenizer: its tokenizer
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
 
     @classmethod
@@ -66,8 +67,7 @@ class SentenceEncoder:
         from transformers import AutoTokenizer, BertModel
 
         folder = folder or find_minilm_dir()
-        model = BertModel.from_pretrained(str(folder), local_files_only=True,
-                                          add_pooling_layer=False)
+        model = BertModel.from_pretrained(str(folder), local_files_only=True)
         return cls(model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
     @property
