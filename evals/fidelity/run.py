@@ -198,10 +198,31 @@ def evaluate_routed_many(specs: Sequence[MethodSpec], ratios: Sequence[float],
             for spec in specs for ratio in ratios]
 
 
+def relevance_sweep(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
+                    layers: TowerLayers, embeds: dict[str, torch.Tensor],
+                    ) -> tuple[list[Result], list[MethodSpec], str, str]:
+    """The validation sweep; returns its results, the specs to score on test (the
+    reconstruction's `lam`=0.5, `tau`=1 and the val-best relevance setting), and the labels
+    of the val-best setting overall and of the val-best relevance setting."""
+    routed, blind = relevance_sweep_specs(layers)
+    sweep = (evaluate_routed_many(routed, (config.sweep_ratio,), models, data, "val", embeds)
+             + evaluate_many(blind, (config.sweep_ratio,), models, data, "val"))
+    best = max(sweep, key=lambda r: r.mean())
+    best_routed = max(sweep[:len(routed)], key=lambda r: r.mean())
+    chosen = [relevance_spec(layers, 0.5, 1.0, SPEC_LABEL)]
+    if best_routed.label == relevance_spec(layers, 0.5, 1.0).label:
+        routed_label = SPEC_LABEL  # the reconstruction's own setting: scored once, as such
+    else:
+        routed_label = best_routed.label
+        chosen += [s for s in routed if s.label == best_routed.label]
+    return sweep, chosen, routed_label if best is best_routed else best.label, routed_label
+
+
 def relevance_suite(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
                     layers: TowerLayers) -> dict[str, object]:
     """Learn the question encoder's projection, sweep `lam` and `tau` on val, then score the
-    reconstruction's `lam`=0.5 and the val-best setting on test at every pruned ratio."""
+    reconstruction's `lam`=0.5 and the val-best relevance setting on test at every pruned
+    ratio, and the question-blind settings' budgets on the asked-about tile."""
     sentence = SentenceEncoder.load()
     fit: RelevanceFit = fit_relevance(data.table, data.splits, sentence)
     texts = [q.text for name in ("val", "test") for m in data.splits[name].mosaics
@@ -209,23 +230,18 @@ def relevance_suite(config: RunConfig, data: Prepared, models: dict[int, AnswerM
     sentences = sentence_table(sentence, texts)
     embeds = dict(zip(sentences, project(torch.stack(list(sentences.values())),
                                          fit.projection), strict=True))
-    routed, blind = relevance_sweep_specs(layers)
-    sweep = (evaluate_routed_many(routed, (config.sweep_ratio,), models, data, "val", embeds)
-             + evaluate_many(blind, (config.sweep_ratio,), models, data, "val"))
-    best = max(sweep, key=lambda r: r.mean())
+    sweep, chosen, best, best_routed = relevance_sweep(config, data, models, layers, embeds)
     pruned = [r for r in config.ratios if r < 1.0]
-    chosen = [relevance_spec(layers, 0.5, 1.0, SPEC_LABEL)]
-    chosen += [s for s in routed if s.label == best.label and s.label != chosen[0].label]
     test = evaluate_routed_many(chosen, pruned, models, data, "test", embeds)
     blind_budgets = {}
-    for spec in blind:
+    for spec in relevance_sweep_specs(layers)[1]:
         method = spec.create(0)
         assert isinstance(method, RankedMethod)
         blind_budgets[spec.label] = {r: target_budgets(method, data.table, data.splits["test"], r)
                                      for r in pruned}
     return {"blind_budgets": blind_budgets, "relevance_val": sweep, "relevance_test": test,
             "relevance_fit": dataclasses.replace(fit, projection=fit.projection.half()),
-            "relevance_best": best.label}
+            "relevance_best": best, "relevance_best_routed": best_routed}
 
 
 def run_suite(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
