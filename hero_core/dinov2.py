@@ -355,7 +355,7 @@ def load_dinov2_tower(crop_size: int = 224) -> tuple[VisionEncoder, TilingSpec]:
 
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "hero": {"object_layer": 5, "artifact_layer": 10,
-             "budget_temperature": EQUAL_BUDGETS_TEMPERATURE},
+             "budget_temperature": EQUAL_BUDGETS_TEMPERATURE, "use_relevance": False},
     "fastervlm": {"layer": 10},
     "hired": {"guide_layer": 0, "select_layer": 10},
     "visionzip": {"layer": 10},
@@ -364,14 +364,9 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 """Each method's settings on this 12-layer tower, as docs/FIDELITY.md measured them.
 
 The layers are the CLIP-L/14 defaults (24 layers) at the same relative depth. HERO's
-tile budgets are equal (a budget temperature so high the softmax is flat): with no text
-tower the split would rest on saliency alone, and equal budgets beat that split by 4 to 6
-points of accuracy at every retention there. HERO's own defaults, for CLIP towers with
-their text tower, are unchanged: that table says nothing about the relevance term."""
-
-RELEVANCE_METHOD_SETTINGS: dict[str, dict[str, Any]] = METHOD_SETTINGS
-"""Each method's settings on this tower when its question encoder
-(`hero_core.relevance`) is loaded: docs/FIDELITY.md's relevance comparison did not find
-a relevance setting that validation picks and the test split confirms over equal tile
-budgets, so HERO keeps equal tile budgets here too (override with `saliency_weight` and
-`budget_temperature`)."""
+tile budgets are equal (a budget temperature so high the softmax is flat) and it does not
+read the question: equal budgets beat the saliency split by 4 to 6 points of accuracy at
+every retention there, and with the tower's question encoder (`hero_core.relevance`)
+validation picked no relevance setting over equal budgets, which the test split
+confirmed. `-o use_relevance=true -o budget_temperature=1` gives HERO's question-routed
+split. HERO's own defaults, for CLIP towers with their text tower, are unchanged."""

