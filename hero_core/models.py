@@ -18,7 +18,7 @@ from torch import nn
 from hero_core.config import compute_config_hash, require
 from hero_core.dtypes import DTYPES as ALL_DTYPES
 from hero_core.dtypes import MODEL_DTYPES
-from hero_core.encoder import TextEncoder, VisionEncoder
+from hero_core.encoder import RelevanceEncoder, TextEncoder, VisionEncoder
 from hero_core.errors import ModelLoadError
 from hero_core.image import PIXELS_VERSION
 from hero_core.tiling import TilingSpec
@@ -97,7 +97,8 @@ class VLM:
     """`LlavaNextForConditionalGeneration`."""
     tokenizer: Any
     tiling: TilingSpec
-    text_encoder: TextEncoder | None
+    text_encoder: RelevanceEncoder | None
+    """Scores questions against tiles (CLIP's text tower), or None."""
     visual_projection: nn.Module | None
 
     @property

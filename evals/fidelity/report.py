@@ -13,6 +13,7 @@ from typing import Any
 
 from evals.fidelity.conclusions import conclusions
 from evals.fidelity.evaluation import KINDS, Result, paired, verdict
+from evals.fidelity.report_relevance import relevance_sections
 from evals.fidelity.report_text import static_sections
 from evals.fidelity.suite import BASELINES, SWEEP_MODES
 
@@ -237,6 +238,7 @@ def write_report(f: Findings, out: Path, plot: Path) -> None:
     parts["ablations"] = ablation_table(f)
     parts["sweep"] = sweep_table(f)
     parts["depth"] = depth_table(f)
+    parts.update(relevance_sections(f, table, cell))
     parts["conclusions"] = conclusions(f, probe)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(parts["template"].format(**parts))

@@ -41,19 +41,25 @@ from evals.fidelity.features import (
     TokenProjection,
     encode_splits,
     fit_projection,
-    weights_fingerprint,
 )
+from evals.fidelity.relevance import RelevanceFit, fit_relevance, sentence_table
 from evals.fidelity.report import Findings, write_report
+from evals.fidelity.routing import evaluate_routed, target_budgets
 from evals.fidelity.suite import (
+    SPEC_LABEL,
     SWEEP_MODES,
     TowerLayers,
     ablation_specs,
     hero_spec,
     main_specs,
     reference_specs,
+    relevance_spec,
+    relevance_sweep_specs,
     sweep_specs,
 )
 from hero_core.encoder import VisionEncoder
+from hero_core.methods.base import RankedMethod
+from hero_core.relevance import SentenceEncoder, project, tower_fingerprint
 
 T = TypeVar("T")
 
@@ -110,7 +116,7 @@ def prepare(config: RunConfig, encoder: VisionEncoder, cache_dir: Path) -> Prepa
     from hero_core.dinov2 import dinov2_tiling
 
     layers = TowerLayers(encoder.num_layers)
-    settings = FeatureSettings(weights_fingerprint(encoder.tower), dinov2_tiling(config.crop_size),
+    settings = FeatureSettings(tower_fingerprint(encoder.tower), dinov2_tiling(config.crop_size),
                                config.feature_layer, layers.late_layer)
     crop_encoder = CropEncoder(encoder, settings, CropStore(cache_dir / settings.compute_hash()))
     splits = build_splits(config.sizes, config.mosaic, config.data_seed)
@@ -183,6 +189,61 @@ def layer_sweep(config: RunConfig, data: Prepared, models: dict[int, AnswerModel
     return out
 
 
+def evaluate_routed_many(specs: Sequence[MethodSpec], ratios: Sequence[float],
+                         models: dict[int, AnswerModel], data: Prepared, split: str,
+                         embeds: dict[str, torch.Tensor]) -> list[Result]:
+    """Question-dependent specs at every ratio on one split (`routing.evaluate_routed`)."""
+    return [evaluate_routed(spec, ratio, models, data.table, data.splits[split],
+                            data.questions[split], data.projection, embeds)
+            for spec in specs for ratio in ratios]
+
+
+def relevance_sweep(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
+                    layers: TowerLayers, embeds: dict[str, torch.Tensor],
+                    ) -> tuple[list[Result], list[MethodSpec], str, str]:
+    """The validation sweep; returns its results, the specs to score on test (the
+    reconstruction's `lam`=0.5, `tau`=1 and the val-best relevance setting), and the labels
+    of the val-best setting overall and of the val-best relevance setting."""
+    routed, blind = relevance_sweep_specs(layers)
+    sweep = (evaluate_routed_many(routed, (config.sweep_ratio,), models, data, "val", embeds)
+             + evaluate_many(blind, (config.sweep_ratio,), models, data, "val"))
+    best = max(sweep, key=lambda r: r.mean())
+    best_routed = max(sweep[:len(routed)], key=lambda r: r.mean())
+    chosen = [relevance_spec(layers, 0.5, 1.0, SPEC_LABEL)]
+    if best_routed.label == relevance_spec(layers, 0.5, 1.0).label:
+        routed_label = SPEC_LABEL  # the reconstruction's own setting: scored once, as such
+    else:
+        routed_label = best_routed.label
+        chosen += [s for s in routed if s.label == best_routed.label]
+    return sweep, chosen, routed_label if best is best_routed else best.label, routed_label
+
+
+def relevance_suite(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
+                    layers: TowerLayers) -> dict[str, object]:
+    """Learn the question encoder's projection, sweep `lam` and `tau` on val, then score the
+    reconstruction's `lam`=0.5 and the val-best relevance setting on test at every pruned
+    ratio, and the question-blind settings' budgets on the asked-about tile."""
+    sentence = SentenceEncoder.load()
+    fit: RelevanceFit = fit_relevance(data.table, data.splits, sentence)
+    texts = [q.text for name in ("val", "test") for m in data.splits[name].mosaics
+             for q in m.questions]
+    sentences = sentence_table(sentence, texts)
+    embeds = dict(zip(sentences, project(torch.stack(list(sentences.values())),
+                                         fit.projection), strict=True))
+    sweep, chosen, best, best_routed = relevance_sweep(config, data, models, layers, embeds)
+    pruned = [r for r in config.ratios if r < 1.0]
+    test = evaluate_routed_many(chosen, pruned, models, data, "test", embeds)
+    blind_budgets = {}
+    for spec in relevance_sweep_specs(layers)[1]:
+        method = spec.create(0)
+        assert isinstance(method, RankedMethod)
+        blind_budgets[spec.label] = {r: target_budgets(method, data.table, data.splits["test"], r)
+                                     for r in pruned}
+    return {"blind_budgets": blind_budgets, "relevance_val": sweep, "relevance_test": test,
+            "relevance_fit": dataclasses.replace(fit, projection=fit.projection.half()),
+            "relevance_best": best, "relevance_best_routed": best_routed}
+
+
 def run_suite(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
               layers: TowerLayers, timings: dict[str, float]) -> dict[str, object]:
     """Every table of the report, timed stage by stage."""
@@ -197,6 +258,8 @@ def run_suite(config: RunConfig, data: Prepared, models: dict[int, AnswerModel],
                              lambda: evaluate_many(ablation_specs(layers), pruned, models, data,
                                                    "test"))
     out.update(timed(timings, "layer sweep", lambda: layer_sweep(config, data, models, layers)))
+    out.update(timed(timings, "question relevance",
+                     lambda: relevance_suite(config, data, models, layers)))
     out["depth"] = attention_by_depth(data.table, data.splits["test"])
     out["settings"] = {spec.label: dict(spec.overrides) for spec in main_specs(layers)}
     return out

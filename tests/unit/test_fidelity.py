@@ -7,28 +7,44 @@ from collections import Counter
 import pytest
 import torch
 
-from evals.fidelity.answer_model import AnswerModel, AnswerModelConfig, pad_batch
+from evals.fidelity.answer_model import AnswerModel, AnswerModelConfig, Vocabulary, pad_batch
 from evals.fidelity.data import (
+    COLORS,
+    NAMED_KINDS,
     POSITIONS,
     SHAPES,
     MosaicConfig,
     SplitSizes,
+    answer_vocabulary,
     build_splits,
     render_cell,
     render_mosaic,
 )
-from evals.fidelity.evaluation import MethodSpec, choose_tokens, select_split
+from evals.fidelity.evaluation import (
+    MethodSpec,
+    QuestionTable,
+    choose_tokens,
+    kept_tokens,
+    select_split,
+)
 from evals.fidelity.features import (
     CropEncoder,
     CropStore,
     FeatureSettings,
     encode_splits,
     fit_projection,
-    weights_fingerprint,
 )
+from evals.fidelity.relevance import (
+    NamedPairs,
+    ProjectionConfig,
+    retrieval_accuracy,
+    train_projection,
+)
+from evals.fidelity.routing import route_split
 from evals.fidelity.run import random_tower
 from hero_core.dinov2 import dinov2_tiling
 from hero_core.encoder import VisionEncoder
+from hero_core.relevance import tower_fingerprint
 from hero_core.tiling import normalize_crops, tile_image
 
 SIZES = SplitSizes(train_mosaics=6, val_mosaics=2, test_mosaics=3, train_cells=8, val_cells=4,
@@ -59,11 +75,33 @@ def test_cell_questions_are_that_cells_own_easy_vqa_questions(splits):
 def test_mosaic_questions_count_the_shapes_of_all_cells(splits):
     for mosaic in (m for split in splits.values() for m in split):
         shapes = Counter(c.image.shape for c in mosaic.cells if c.image is not None)
-        for question in (q for q in mosaic.questions if q.cell is None):
+        for question in (q for q in mosaic.questions if q.kind in ("exists", "count")):
             shape = next(s for s in SHAPES if s in question.text)
             expected = str(shapes[shape]) if question.kind == "count" else (
                 "yes" if shapes[shape] else "no")
             assert question.answer == expected, question
+
+
+def test_named_questions_ask_about_the_one_cell_holding_their_shape(splits):
+    asked = Counter()
+    for mosaic in (m for split in splits.values() for m in split):
+        for question in (q for q in mosaic.questions if q.kind in NAMED_KINDS):
+            shape = next(s for s in SHAPES if s in question.text)
+            holders = [i for i, c in enumerate(mosaic.cells)
+                       if c.image is not None and c.image.shape == shape]
+            assert holders == [question.target], question
+            color = mosaic.cells[question.target].image.color
+            named = [c for c in COLORS if c in question.text.split()]
+            asked_color = named[0] if question.kind != "named-color" else color
+            assert len(named) == (0 if question.kind == "named-color" else 1), question
+            match = asked_color == color
+            expected = {"named-color": color, "named-exists": "yes" if match else "no",
+                        "named-count": "1" if match else "0"}[question.kind]
+            assert question.answer == expected, question
+            asked[question.kind, question.answer] += 1
+    # both answers of the yes/no and count kinds occur
+    assert asked["named-exists", "yes"] and asked["named-exists", "no"]
+    assert asked["named-count", "1"] and asked["named-count", "0"]
 
 
 def test_splits_share_no_easy_vqa_image(splits):
@@ -129,7 +167,7 @@ def test_training_subsets_are_unique_tokens_of_the_mosaic():
 def encoded(splits, tmp_path_factory):
     tower = random_tower()
     encoder = VisionEncoder(tower, feature_layer=-2)
-    settings = FeatureSettings(weights_fingerprint(tower), dinov2_tiling(224), key_layer=2)
+    settings = FeatureSettings(tower_fingerprint(tower), dinov2_tiling(224), key_layer=2)
     store = CropStore(tmp_path_factory.mktemp("crops"))
     small = {"test": splits["test"][:2]}
     first = encode_splits(small, CONFIG, CropEncoder(encoder, settings, store))
@@ -167,3 +205,62 @@ def test_hero_at_a_low_ratio_keeps_its_budget(encoded):
                                        ("use_relevance", False)))
     sets, _ = select_split(spec.create(0), table, splits_["test"], 0.111, projection)
     assert all(feats.shape[0] == round(0.111 * 1280) for feats, _, _ in sets)
+
+
+def test_per_question_budgets_equal_selecting_each_question_alone(encoded):
+    """The routed evaluation (rank once, budgets per question, one token set per distinct
+    budget) keeps for every question exactly what `select` keeps for it alone."""
+    (table, splits_), _, _ = encoded
+    split = splits_["test"]
+    projection = fit_projection(table.features, dims=8)
+    generator = torch.Generator().manual_seed(0)
+    texts = sorted({q.text for m in split.mosaics for q in m.questions})
+    embeds = {t: torch.nn.functional.normalize(torch.randn(table.embeds.shape[1],
+                                                           generator=generator), dim=0)
+              for t in texts}
+    method = MethodSpec("hero", "hero", (("artifact_layer", 2), ("object_layer", 1),
+                                         ("saliency_weight", 0.0))).create(0)
+    vocab = Vocabulary(texts, answer_vocabulary())
+    routed = route_split(method, table, split, 0.111, QuestionTable.build(split, vocab, 16),
+                         embeds, projection)
+    asked = []
+    for (mosaic, indices), (_, crop, pos) in zip(routed.groups, routed.token_sets, strict=True):
+        crops = table.encoded(split.rows[mosaic])
+        for j in indices:
+            question = split.mosaics[mosaic].questions[j]
+            alone = kept_tokens(method.select(crops, split.grids[mosaic], 0.111,
+                                              embeds[question.text]),
+                                crops.features, split.grids[mosaic], projection)
+            assert torch.equal(alone[1], crop) and torch.equal(alone[2], pos)
+            asked.append((mosaic, j))
+    assert sorted(asked) == [(i, j) for i, m in enumerate(split.mosaics)
+                             for j in range(len(m.questions))]
+    assert len(routed.token_sets) > len(split.mosaics)  # the question does move budgets
+
+
+def test_projection_learns_to_rank_the_asked_about_tile_first():
+    """On synthetic pairs where each text is a fixed linear image of its tile's embedding,
+    the contrastive projection recovers the map: retrieval far above chance (25 %)."""
+    generator = torch.Generator().manual_seed(0)
+    n, tiles, image_dim, text_dim = 600, 4, 16, 12
+    embeds = torch.nn.functional.normalize(torch.randn(n, tiles, image_dim,
+                                                       generator=generator), dim=-1)
+    target = torch.randint(tiles, (n,), generator=generator)
+    mix = torch.randn(text_dim, image_dim, generator=generator)
+    texts = [f"q{i}" for i in range(n)]
+    sentences = {t: mix @ embeds[i, target[i]] for i, t in enumerate(texts)}
+    pairs = NamedPairs(texts, embeds, target, torch.arange(n))
+    train, test = _split_pairs(pairs, 400)
+    untrained = torch.zeros(image_dim, text_dim)
+    assert retrieval_accuracy(test, sentences, untrained) < 0.5
+    projection = train_projection(train, sentences, ProjectionConfig(steps=200))
+    assert projection.shape == (image_dim, text_dim)
+    assert retrieval_accuracy(test, sentences, projection) > 0.9
+
+
+def _split_pairs(pairs, cut):
+    def part(index):
+        return NamedPairs([pairs.texts[i] for i in index.tolist()], pairs.tiles[index],
+                          pairs.target[index], pairs.mosaic[index])
+    order = torch.arange(len(pairs.texts))
+    return part(order[:cut]), part(order[cut:])
