@@ -40,9 +40,9 @@ from services.sdk.vision import call_metadata, generate_request, prune_request
 TOKEN = "soak-token"
 DEGRADED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 GRACE_S = 10.0
+"""A request without a final status this long after its deadline counts as lost."""
 MEMORY_PERIOD_S = 15.0
 """How often the fault-free third samples each process's RSS."""
-"""A request without a final status this long after its deadline counts as lost."""
 
 
 # ---- traffic --------------------------------------------------------------------------
@@ -267,8 +267,7 @@ def processes(system: Any) -> dict[str, int]:
     return found
 
 
-Samples = dict[str, list[tuple[float, int, float]]]
-"""role -> [(seconds since start, pid, RSS MB)]"""
+Samples = dict[str, list[tuple[float, int, float]]]  # role -> [(s since start, pid, RSS MB)]
 
 
 def sample_memory(system: Any, at_s: float, samples: Samples) -> None:
@@ -294,8 +293,7 @@ def memory_rows(samples: Samples) -> list[dict[str, Any]]:
 
 async def send_one(traffic: Traffic, kind: Kind, i: int, result: Result,
                    now: Callable[[], float]) -> None:
-    """Send request `i` of `kind` and record its outcome in `result` (in the run's list
-    from the moment it is sent, so one still in flight at the end is counted)."""
+    """Send request `i` of `kind`; its outcome goes into `result`, listed since it was sent."""
     deadline = (1.0 if kind.name == "deadline" else 30.0) + GRACE_S
     try:
         code, details = await asyncio.wait_for(traffic.send(kind.name, i), deadline)
@@ -310,10 +308,9 @@ async def send_one(traffic: Traffic, kind: Kind, i: int, result: Result,
 def mark_recovery(faults: list[Fault], results: list[Result]) -> None:
     """Each fault's recovery: from its end to the first answer of a request sent after."""
     for fault in faults:
-        after = [r for r in results if r.sent_s >= fault.end_s and r.code == "OK"]
-        fault.recovered_s = min((r.sent_s + r.latency_s for r in after), default=None)
-        if fault.recovered_s is not None:
-            fault.recovered_s -= fault.end_s
+        after = [r.sent_s + r.latency_s - fault.end_s for r in results
+                 if r.sent_s >= fault.end_s and r.code == "OK"]
+        fault.recovered_s = min(after, default=None)
 
 
 async def soak(system: Any, duration_s: float, rate: float, seed: int) -> dict[str, Any]:
