@@ -13,7 +13,6 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from services.common.config import secret_value
 from services.common.errors import UnauthenticatedError
 
 
@@ -26,7 +25,7 @@ class BearerTokens:
     @classmethod
     def from_secret(cls, secret: SecretStr | None) -> BearerTokens:
         """The tokens of a comma-separated secret (none: authentication off)."""
-        return cls((secret_value(secret) or "").split(","))
+        return cls((secret.get_secret_value() if secret is not None else "").split(","))
 
     @property
     def enabled(self) -> bool:

@@ -24,7 +24,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
-from services.vision.config import ENV_PREFIX, VisionConfig
+from services.vision.config import ENV_PREFIX
 from services.vision.runner import SERVE_CONFIG, ServeApp
 
 
@@ -40,10 +40,9 @@ class NodeSettings(ServiceSettings):
 
 
 def resolve_config(path: Path, node: NodeSettings) -> dict[str, Any]:
-    """The Serve config at `path` with the node's settings; its app args are checked
-    (with this environment over them) so a bad value fails here, before Ray starts."""
+    """The Serve config at `path` with the node's settings (its app args are checked,
+    with this environment over them, by `ServeApp.start` before Ray starts)."""
     config: dict[str, Any] = yaml.safe_load(path.read_text())
-    VisionConfig.load(values=config["applications"][0].get("args", {}))
     if node.grpc_port is not None:
         config["grpc_options"]["port"] = node.grpc_port
     return config

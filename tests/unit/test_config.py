@@ -7,7 +7,7 @@ from pydantic_settings import SettingsError
 from services.language.config import LanguageConfig
 from services.vision.__main__ import NodeSettings, resolve_config
 from services.vision.config import VisionConfig
-from services.vision.runner import SERVE_CONFIG
+from services.vision.runner import SERVE_CONFIG, ServeApp
 
 
 @pytest.fixture(autouse=True)
@@ -76,10 +76,12 @@ def test_the_node_runner_reads_its_ports_and_checks_the_args(monkeypatch):
     monkeypatch.setenv("HERO_VISION_METRICS_PORT", "9200")
     node = NodeSettings()
     assert (node.grpc_port, node.metrics_port) == (9100, 9200)
-    assert resolve_config(SERVE_CONFIG, node)["grpc_options"]["port"] == 9100
+    config = resolve_config(SERVE_CONFIG, node)
+    assert config["grpc_options"]["port"] == 9100
+    # the args are checked with the environment over them before Ray starts
     monkeypatch.setenv("HERO_VISION_DEFAULT_RETENTION", "2")
     with pytest.raises(ValidationError, match="default_retention"):
-        resolve_config(SERVE_CONFIG, node)
+        ServeApp(config).start()
 
 
 def test_unknown_keys_are_refused(tmp_path, monkeypatch):
