@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,8 +32,40 @@ __all__ = ["ROOT", "SERVE_CONFIG", "LanguageProcess", "LocalSystem", "RedisProce
            "ServeApp", "free_port", "serve_config", "wait_for"]
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for port-0 binds (Linux's default where it cannot be read)."""
+    try:
+        low, high = EPHEMERAL_RANGE.read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+RAY_WORKER_PORTS_END = 20000
+"""`ray start` gives its worker processes ports from 10002 to 19999 by default (`ray.init`
+lets them bind port 0, from the ephemeral range)."""
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port between Ray's worker ports and the kernel's ephemeral range.
+    A port-0 bind would hand out one from that range, where every process that binds
+    port 0 later (Ray starts dozens before Serve's proxy binds its port) can be given the
+    same one first."""
+    low = ephemeral_ports()[0]
+    start = RAY_WORKER_PORTS_END if low - RAY_WORKER_PORTS_END >= 1000 else 1024
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(start, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range below is full: any free port
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
