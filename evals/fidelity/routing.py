@@ -10,6 +10,7 @@ reads each distinct set once with all of its questions.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -44,6 +45,18 @@ class RoutedSplit:
     mosaic's other tiles."""
 
 
+def target_and_others(tiles: list[int], target: int) -> tuple[int, float]:
+    """Tokens on the tile holding the answer, and the mean over the other tiles."""
+    mine = tiles[target]
+    return mine, (sum(tiles) - mine) / max(len(tiles) - 1, 1)
+
+
+def mean_pair(pairs: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The mean of `(target, others)` pairs; (0, 0) without any."""
+    mine, other = torch.tensor(pairs or [(0.0, 0.0)], dtype=torch.float64).mean(0).tolist()
+    return mine, other
+
+
 def group_rows(questions: QuestionTable, groups: list[tuple[int, list[int]]]) -> QuestionTable:
     """A question table whose row g holds the questions `groups[g] = (mosaic, [indices])`."""
     width = max(len(idx) for _, idx in groups)
@@ -72,9 +85,7 @@ def route_split(method: RankedMethod, table: CropTable, split: EncodedSplit, rat
             budgets = method.budgets(ranking, grid, ratio, embeds[question.text])
             by_budget.setdefault(tuple(budgets), []).append(j)
             if question.kind in NAMED_KINDS and question.target is not None:
-                tiles = budgets[1:]
-                mine = tiles[question.target]
-                target_tokens.append((mine, (sum(tiles) - mine) / max(len(tiles) - 1, 1)))
+                target_tokens.append(target_and_others(budgets[1:], question.target))
         blank = [c.image is None for c in split.mosaics[i].cells]
         for budgets, idx in by_budget.items():
             selection = select_prefixes(ranking, list(budgets))
@@ -100,8 +111,7 @@ def evaluate_routed(spec: MethodSpec, ratio: float, models: dict[int, AnswerMode
                                      routed.questions)
               for seed, model in models.items()}
     stats = routed.stats.summary()
-    pairs = torch.tensor(routed.target_tokens or [(0.0, 0.0)], dtype=torch.float64)
-    stats["target_tile_tokens"], stats["other_tile_tokens"] = (float(v) for v in pairs.mean(0))
+    stats["target_tile_tokens"], stats["other_tile_tokens"] = mean_pair(routed.target_tokens)
     stats["token_sets_per_mosaic"] = len(routed.token_sets) / max(len(split.mosaics), 1)
     return Result(spec.label, ratio, scores, stats)
 
@@ -110,7 +120,7 @@ def target_budgets(method: RankedMethod, table: CropTable, split: EncodedSplit,
                    ratio: float) -> tuple[float, float]:
     """A question-blind method's mean tokens, over the named questions, on the tile holding
     the answer and on each other tile."""
-    pairs = []
+    pairs: list[tuple[float, float]] = []
     for i, grid in enumerate(split.grids):
         targets = [q.target for q in split.mosaics[i].questions
                    if q.kind in NAMED_KINDS and q.target is not None]
@@ -118,6 +128,5 @@ def target_budgets(method: RankedMethod, table: CropTable, split: EncodedSplit,
             continue
         tiles = method.budgets(method.rank(table.encoded(split.rows[i]), grid), grid, ratio,
                                None)[1:]
-        pairs += [(tiles[t], (sum(tiles) - tiles[t]) / max(len(tiles) - 1, 1)) for t in targets]
-    mine, other = torch.tensor(pairs or [(0.0, 0.0)], dtype=torch.float64).mean(0).tolist()
-    return mine, other
+        pairs += [target_and_others(tiles, t) for t in targets]
+    return mean_pair(pairs)
