@@ -377,10 +377,10 @@ def main() -> None:
     from loadtest.soak_report import report
     from services.local import LocalSystem, free_port
 
-    os.environ["HERO_VISION_API_TOKENS"] = TOKEN
     system = LocalSystem("tiny", args.models_dir, grpc_port=free_port(), num_cpus=2,
                          language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS":
-                                       str(LONG["max_new_tokens"])})
+                                       str(LONG["max_new_tokens"])},
+                         vision_env={"HERO_VISION_API_TOKENS": TOKEN})
     system.start()
     try:
         run = asyncio.run(soak(system, args.duration, args.rate, args.seed))

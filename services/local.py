@@ -192,7 +192,8 @@ class LocalSystem:
                  redis_url: str | None = None, grpc_port: int = 9000,
                  language_port: int | None = None, num_cpus: int | None = None,
                  vision_args: dict[str, Any] | None = None,
-                 language_env: dict[str, str] | None = None):
+                 language_env: dict[str, str] | None = None,
+                 vision_env: dict[str, str] | None = None):
         self.redis = None if redis_url else RedisProcess()
         self.redis_url = redis_url
         self.language = LanguageProcess(model, models_dir.resolve(), language_port,
@@ -200,6 +201,9 @@ class LocalSystem:
         args = {"model": model, "models_dir": str(models_dir.resolve()),
                 "language_target": self.language.target, **(vision_args or {})}
         self.args = args
+        self.vision_env = dict(vision_env or {})
+        """`HERO_VISION_*` variables for the vision app's replicas (this process keeps its
+        own environment)."""
         self.grpc_port, self.num_cpus = grpc_port, num_cpus
         self.metrics_port = free_port()
         """Where Ray exports the vision service's Prometheus metrics."""
@@ -218,7 +222,8 @@ class LocalSystem:
             cache = {**self.args.get("cache", {}), "url": url}
             self.app = ServeApp(serve_config({**self.args, "cache": cache}, self.grpc_port,
                                              free_port()), self.num_cpus,
-                                metrics_export_port=self.metrics_port).start()
+                                metrics_export_port=self.metrics_port,
+                                env=self.vision_env).start()
         except BaseException:
             self.stop()
             raise

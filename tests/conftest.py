@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,48 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models"
+
+SET_ON_IMPORT = frozenset({"RAY_CLIENT_MODE"})
+"""Variables a library sets to their default when it is first imported (`import ray`)."""
+
+LEAKS: list[str] = []
+"""Tests after which the process's environment or working directory differed."""
+
+
+def process_state() -> tuple[dict[str, str], str]:
+    return dict(os.environ), os.getcwd()
+
+
+def state_changes(before: tuple[dict[str, str], str],
+                  after: tuple[dict[str, str], str]) -> list[str]:
+    """What a test changed of the process state every later test inherits."""
+    (env_before, cwd_before), (env_after, cwd_after) = before, after
+    changed = [f"${name}" for name in sorted(env_before.keys() | env_after.keys())
+               if env_before.get(name) != env_after.get(name) and name not in SET_ON_IMPORT]
+    return changed + ([f"cwd {cwd_before} -> {cwd_after}"] if cwd_before != cwd_after else [])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Every test (its fixtures' setup and teardown included) leaves the environment and
+    working directory as it found them: `pytest tests` runs every suite in one process."""
+    before = process_state()
+    yield
+    changes = state_changes(before, process_state())
+    if changes:
+        LEAKS.append(f"{item.nodeid}: {', '.join(changes)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if LEAKS and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if LEAKS:
+        terminalreporter.section("process state left behind")
+        for line in LEAKS:
+            terminalreporter.line(line)
 
 
 @pytest.fixture(scope="session")

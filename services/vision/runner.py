@@ -8,7 +8,9 @@ config (`serveConfigV2`) itself.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +18,71 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
 
 
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` in `os.environ` inside the block; after it, the environment exactly as it
+    was before (what the block added, `ray.init`'s own variables included, is gone).
+
+    Ray's processes (GCS, raylet, and the workers the raylet forks later) copy the
+    environment when `ray.init` starts them, so the vision service's variables reach every
+    replica without staying behind in the caller (a test session, `hero serve`)."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 class ServeApp:
     """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app of `config`
     (a Serve config: proxy, HTTP and gRPC options, one application)."""
 
     def __init__(self, config: dict[str, Any], num_cpus: int | None = None,
-                 metrics_export_port: int | None = None):
+                 metrics_export_port: int | None = None, env: Mapping[str, str] | None = None):
         self.config = config
         self.num_cpus = num_cpus
         self.metrics_export_port = metrics_export_port
+        self.env = dict(env or {})
+        """`HERO_VISION_*` variables for the app's replicas (secrets, overrides): they reach
+        Ray's processes, not this one's environment."""
 
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.config['grpc_options']['port']}"
 
     def start(self, timeout_s: float = 300) -> ServeApp:
-        import os
-
-        import ray
-        from ray import serve
         from ray.serve.schema import ServeDeploySchema
 
-        from services.vision.app import build_app
         from services.vision.config import VisionConfig
 
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
-        # Serve's proxy reads its message bound from the environment when it starts.
-        proxy_env = VisionConfig.load(values=app.args).proxy_env()
-        os.environ.update(proxy_env)
+        with environment(self.env):
+            # Serve's proxy reads its message bound from the environment when it starts.
+            env = {**self.env, **VisionConfig.load(values=app.args).proxy_env()}
+        with environment(env):
+            self._deploy(schema, env)
+        deadline = time.monotonic() + timeout_s
+        while not self.running():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vision service not running after {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return self
+
+    def _deploy(self, schema: Any, env: dict[str, str]) -> None:
+        import ray
+        from ray import serve
+
+        from services.vision.app import build_app
+
+        (app,) = schema.applications
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
                  _node_ip_address="127.0.0.1", log_to_driver=False,
                  _metrics_export_port=self.metrics_export_port,
                  runtime_env={"working_dir": None,
-                              "env_vars": {"PYTHONPATH": str(ROOT), **proxy_env}},
+                              "env_vars": {"PYTHONPATH": str(ROOT), **env}},
                  ignore_reinit_error=True)
         serve.start(proxy_location=schema.proxy_location,
                     http_options=schema.http_options.model_dump(),
@@ -58,12 +91,6 @@ class ServeApp:
         deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
         serve.run(build_app(app.args, deployments), name=app.name,
                   route_prefix=app.route_prefix, blocking=False)
-        deadline = time.monotonic() + timeout_s
-        while not self.running():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vision service not running after {timeout_s:.0f} s")
-            time.sleep(0.2)
-        return self
 
     def running(self) -> bool:
         """Whether the app runs; `RuntimeError` when it failed to deploy."""

@@ -28,12 +28,8 @@ API_TOKEN = "integration-test-token"
 
 @pytest.fixture(scope="session")
 def system(tiny_dir):
-    import os
-
     from services.local import LocalSystem, free_port
 
-    # The public API requires a bearer token; Ray's workers inherit this environment.
-    os.environ["HERO_VISION_API_TOKENS"] = f"some-other-token,{API_TOKEN}"
     # float32 end to end, so the `full` method can be compared with stock transformers.
     system = LocalSystem("tiny", MODELS_DIR, grpc_port=free_port(), num_cpus=2,
                          vision_args={"cache": {"dtype": "float32"},
@@ -42,7 +38,11 @@ def system(tiny_dir):
                          # a small batch and queue, so a burst can fill them
                          language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096",
                                        "HERO_LANGUAGE_BATCHING__MAX_BATCH_SIZE": "2",
-                                       "HERO_LANGUAGE_MAX_QUEUE": "4"})
+                                       "HERO_LANGUAGE_MAX_QUEUE": "4"},
+                         # the public API requires a bearer token; it reaches Ray's
+                         # processes, not this one's environment
+                         vision_env={"HERO_VISION_API_TOKENS":
+                                     f"some-other-token,{API_TOKEN}"})
     system.start()
     yield system
     system.stop()
