@@ -5,6 +5,11 @@
     python -m services.healthcheck --ray-node head          # a KubeRay pod's own checks
     python -m services.healthcheck --ray-node worker --live
 
+A vision service's answer also carries its token cache's state; a degraded cache (every
+request served as a miss) is printed with its cause, and is not a failure:
+
+    serving (cache degraded, tls: Redis TLS certificate does not match the host name ...)
+
 `--ray-node` runs the checks KubeRay's default probes run with `wget` (which our images
 do not have), with the standard library: the raylet through the dashboard agent, the
 GCS on the head, and on workers the Serve proxy (readiness only, as KubeRay does).
@@ -23,17 +28,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 SERVE_HEALTHZ = "/ray.serve.RayServeAPIService/Healthz"
 
 
-def serving(target: str, serve: bool, service: str, timeout_s: float) -> bool:
+def serving(target: str, serve: bool, service: str, timeout_s: float) -> tuple[bool, str]:
+    """Whether the service at `target` serves, and a note on its cache when degraded."""
     with grpc.insecure_channel(target) as channel:
         if serve:  # Serve answers Healthz once its proxy and applications are up
             call = channel.unary_unary(SERVE_HEALTHZ, request_serializer=lambda _: b"",
                                        response_deserializer=lambda raw: raw)
             call(None, timeout=timeout_s)
-            return True
+            return True, ""
         stub = health_pb2_grpc.HealthStub(channel)
-        status = stub.Check(health_pb2.HealthCheckRequest(service=service),
-                            timeout=timeout_s).status
-        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+        response, answer = stub.Check.with_call(health_pb2.HealthCheckRequest(service=service),
+                                                timeout=timeout_s)
+        return (response.status == health_pb2.HealthCheckResponse.SERVING,
+                cache_note(dict(answer.trailing_metadata() or ())))
+
+
+def cache_note(metadata: dict[str, str]) -> str:
+    """What follows "serving" when a vision health answer's trailing metadata says its
+    cache is degraded (` (cache degraded, REASON: DETAIL)`); else nothing."""
+    if metadata.get("hero-cache") != "degraded":
+        return ""
+    return (f" (cache degraded, {metadata.get('hero-cache-reason', '?')}: "
+            f"{metadata.get('hero-cache-detail', '')})")
 
 
 RAYLET = "api/local_raylet_healthz"
@@ -91,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.target:
         parser().error("give a TARGET or --ray-node")
     try:
-        ok = serving(args.target, args.serve, args.service, args.timeout)
+        ok, note = serving(args.target, args.serve, args.service, args.timeout)
     except grpc.RpcError as exc:
         print(f"unhealthy: {exc.code().name}", file=sys.stderr)
         return 1
-    print("serving" if ok else "not serving")
+    print(("serving" if ok else "not serving") + note)
     return 0 if ok else 1
 
 

@@ -2,7 +2,10 @@
 
 * A store failure or timeout is a miss: logged, counted, never a failed request
   (`get(strict=True)` lets a caller that cannot do without the value tell "down" from
-  "absent").
+  "absent"). Every store call keeps `health` current: when the store stops answering
+  (or answers nothing at startup, `check`), one ERROR line says why (a TLS certificate
+  without the URL's host name, a refused password, ...) and the up gauge drops to 0;
+  every failure is counted by its kind.
 * Every value is stored in an envelope naming its own key, and, when a secret is
   configured, an HMAC-SHA256 over key and value. A value that comes back under another
   key (a copy, a misrouted reply) or without a valid MAC (written by anyone without the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -32,6 +36,7 @@ from services.common.errors import DeadlineError
 from services.common.store import Store, StoreError
 
 T = TypeVar("T")
+R = TypeVar("R")
 LOCK_SUFFIX = ":lock"
 MAGIC = b"HRC2"
 MAC_BYTES = 32
@@ -44,15 +49,43 @@ class CacheMetrics(Protocol):
         """Count one event: hit, miss, coalesced, corrupt, unverified, error_get,
         error_set, too_large, lock_lost."""
 
+    def store_error(self, reason: str) -> None:
+        """Count one failed store call by its kind (`services.common.store.REASONS`)."""
+
+    def store_up(self, up: bool) -> None:
+        """The store answers (True) or its last call failed (False)."""
+
 
 class CountingMetrics:
     """Plain counters, for use outside a metrics system (CLI, tests of the policy)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.up: bool | None = None
 
     def observe(self, event: str) -> None:
         self.counts[event] = self.counts.get(event, 0) + 1
+
+    def store_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def store_up(self, up: bool) -> None:
+        self.up = up
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheHealth:
+    """The store as its last call found it."""
+
+    up: bool | None = None
+    """None until the store is first called."""
+    reason: str = ""
+    """While down: the kind of failure, one of `services.common.store.REASONS`."""
+    detail: str = ""
+    """While down: what failed and what to change (names hosts: for logs)."""
+    summary: str = ""
+    """While down: what failed, naming no host or port (for health answers)."""
 
 
 class TokenCache:
@@ -66,12 +99,51 @@ class TokenCache:
         self.lock_ttl_s, self.poll_s = lock_ttl_s, poll_s
         self.secret = secret or None
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self.health = CacheHealth()
+        self.checked_at = 0.0
+        """`time.monotonic()` of the last store call, successful or not."""
+
+    async def check(self, max_age_s: float = 0.0) -> CacheHealth:
+        """`health`, after asking the store whether it answers (a PING) unless a store
+        call answered or failed less than `max_age_s` ago; never raises `StoreError`."""
+        if self.health.up is None or time.monotonic() - self.checked_at >= max_age_s:
+            with contextlib.suppress(StoreError):
+                await self._call(self.store.ping())
+        return self.health
+
+    async def _call(self, op: Awaitable[R]) -> R:
+        """Await one store operation, keeping `health` and the store metrics current."""
+        try:
+            result = await op
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self.checked_at = time.monotonic()
+        if self.health.up is not True:
+            if self.health.up is False:
+                log.warning("token cache answers again: requests are served from it")
+            self.health = CacheHealth(up=True)
+            self.metrics.store_up(True)
+        return result
+
+    def _failed(self, exc: StoreError) -> None:
+        """Count a failed call and keep its cause; log at ERROR when the store goes down,
+        or fails in another way (a new `reason`) while down."""
+        self.checked_at = time.monotonic()
+        self.metrics.store_error(exc.reason)
+        known = self.health.up is False and self.health.reason == exc.reason
+        self.health = CacheHealth(False, exc.reason, str(exc), exc.summary)
+        if known:
+            return
+        self.metrics.store_up(False)
+        log.error("token cache unavailable (%s), every request is served as a miss until "
+                  "it answers: %s", exc.reason, exc)
 
     async def get(self, key: str, strict: bool = False) -> bytes | None:
         """The value under `key`, None when absent or unusable. A store failure is None
         too, unless `strict`: then it raises `StoreError`."""
         try:
-            blob = await self.store.get(key)
+            blob = await self._call(self.store.get(key))
         except StoreError as exc:
             self.metrics.observe("error_get")
             if strict:
@@ -92,7 +164,7 @@ class TokenCache:
             self.metrics.observe("too_large")
             return False
         try:
-            await self.store.set(key, seal(key, value, self.secret), self.ttl_s)
+            await self._call(self.store.set(key, seal(key, value, self.secret), self.ttl_s))
             return True
         except StoreError as exc:
             self.metrics.observe("error_set")
@@ -102,7 +174,7 @@ class TokenCache:
     async def invalidate(self, key: str) -> None:
         """Drop a value found unusable (corrupt or from another version)."""
         try:
-            await self.store.delete(key)
+            await self._call(self.store.delete(key))
         except StoreError as exc:
             log.warning("cache delete failed: %s", exc)
 
@@ -188,7 +260,8 @@ class TokenCache:
         """Take the cross-replica lock of `key`; True also when the store is down (then
         there is nobody to coordinate with and this replica just produces)."""
         try:
-            return await self.store.set_if_absent(key + LOCK_SUFFIX, token, self.lock_ttl_s)
+            return await self._call(
+                self.store.set_if_absent(key + LOCK_SUFFIX, token, self.lock_ttl_s))
         except StoreError:
             return True
 
@@ -202,7 +275,8 @@ class TokenCache:
             while True:
                 await asyncio.sleep(self.lock_ttl_s / 3)
                 try:
-                    if not await self.store.expire_if_equal(lock, token, self.lock_ttl_s):
+                    if not await self._call(
+                            self.store.expire_if_equal(lock, token, self.lock_ttl_s)):
                         self.metrics.observe("lock_lost")
                         log.warning("lost the lock of %s while producing", key)
                         return
@@ -215,7 +289,7 @@ class TokenCache:
         finally:
             renewal.cancel()
             try:
-                await self.store.delete_if_equal(lock, token)
+                await self._call(self.store.delete_if_equal(lock, token))
             except StoreError as exc:
                 log.warning("could not release the lock of %s (it expires): %s", key, exc)
 
@@ -225,9 +299,9 @@ class TokenCache:
         is gone, or the value appeared); False when the store fails (this replica then
         produces)."""
         try:
-            while await self.store.exists(key + LOCK_SUFFIX):
+            while await self._call(self.store.exists(key + LOCK_SUFFIX)):
                 await asyncio.sleep(self.poll_s)
-                if await self.store.exists(key):
+                if await self._call(self.store.exists(key)):
                     return True
             return True
         except StoreError:

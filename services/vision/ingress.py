@@ -3,7 +3,8 @@
 A thin adapter: each RPC checks its request, gets the pruned tokens from `TokenSource`
 (cache or one encoding), then either returns them (`Prune`) or streams them to the
 language service and the answer back (`Generate`). It also answers
-`grpc.health.v1.Health/Check` on the public port (see `services.vision.api`).
+`grpc.health.v1.Health/Check` on the public port (see `services.vision.api`), with the
+token cache's state in the answer's trailing metadata (`cache_metadata`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -41,13 +42,14 @@ from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
 from services.vision.api import VISION_SERVICE, MalformedRequest
-from services.vision.cache import TokenCache
+from services.vision.cache import CacheHealth, TokenCache
 from services.vision.config import VisionConfig
 from services.vision.encoder import EncodeJob, EncodeResult
 from services.vision.metrics import VisionMetrics
 from services.vision.tokens import EncoderClient, Tokens, TokenSource
 
 log = logging.getLogger("hero.vision")
+T = TypeVar("T")
 HEALTH_CACHE_S = 1.0
 """How long a health answer is reused, so probes do not each call the language service."""
 
@@ -64,6 +66,17 @@ def client_deadline(grpc_context: Any) -> float | None:
     if not raw.isdigit():
         return None
     return time.monotonic() + int(raw) / 1000
+
+
+def cache_metadata(health: CacheHealth) -> list[tuple[str, str]]:
+    """Trailing metadata of a health answer: `hero-cache` is ok, unknown (not used yet)
+    or degraded (requests are served as misses); while degraded, `hero-cache-reason`
+    (tls, auth, connection, timeout, error) and `hero-cache-detail` say what failed."""
+    if health.up is not False:
+        return [("hero-cache", "ok" if health.up else "unknown")]
+    detail = health.summary.encode("ascii", "replace").decode()[:200]
+    return [("hero-cache", "degraded"), ("hero-cache-reason", health.reason),
+            ("hero-cache-detail", detail)]
 
 
 class ServiceNotFoundError(NotFoundError):
@@ -171,6 +184,9 @@ class VisionIngress:
         secret = (secret_value(cache.secret) or "").encode() or None
         self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes,
                                 lock_ttl_s=cache.lock_ttl_s, secret=secret)
+        self.cache_checked = _in_running_loop(self.cache.check())
+        """The startup check of the cache (a failure is logged at ERROR and the service
+        serves misses); None when constructed outside an event loop."""
         self.source = TokenSource(
             self.config, RayEncoder(encoder) if isinstance(encoder, DeploymentHandle)
             else encoder, self.cache, tiling,
@@ -241,7 +257,9 @@ class VisionIngress:
     async def Check(self, request: health_pb2.HealthCheckRequest | MalformedRequest,
                     grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1: SERVING while the language service answers, else NOT_SERVING.
-        The service name is "" (the whole server) or hero.vision.v1.VisionService."""
+        The service name is "" (the whole server) or hero.vision.v1.VisionService. The
+        token cache's state rides in the trailing metadata (`cache_metadata`): a degraded
+        cache is reported, never NOT_SERVING, since misses still serve."""
         try:
             request = parsed(request)
             if request.service not in ("", VISION_SERVICE):
@@ -249,10 +267,22 @@ class VisionIngress:
                                            f"for '' or {VISION_SERVICE}")
         except Exception as exc:
             raise self._fail(exc, "health", "Check", grpc_context) from exc
-        serving = await self.language_reachable()
+        serving, cache = await asyncio.gather(self.language_reachable(),
+                                              self.cache.check(max_age_s=HEALTH_CACHE_S))
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata(cache_metadata(cache))
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING
                                               if serving else
                                               health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def check_health(self) -> None:
+        """Ray Serve's periodic replica check. It asks the token cache whether it answers,
+        so its gauge and log follow Redis without traffic, and never fails for it: a
+        cache outage is a miss, not a reason to restart the replica."""
+        try:
+            await self.cache.check(max_age_s=HEALTH_CACHE_S)
+        except Exception:
+            log.exception("token cache check failed")
 
     async def language_reachable(self) -> bool:
         """Whether the language service answered GetModelInfo within a second (the answer
@@ -350,3 +380,13 @@ class VisionIngress:
         return vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
             language=part, vision_ms=tokens.vision_ms, queue_ms=tokens.queue_ms,
             ttft_ms=first_ms, bytes_sent=sent))
+
+
+def _in_running_loop(work: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
+    """`work` as a task of the running event loop (Ray Serve constructs a replica's
+    deployment object in it), or None, and `work` discarded, outside one."""
+    try:
+        return asyncio.get_running_loop().create_task(work)
+    except RuntimeError:
+        work.close()
+        return None

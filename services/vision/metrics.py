@@ -24,6 +24,12 @@ class VisionMetrics:
         self.cache = metrics.Counter(
             "hero_vision_cache_events", "Token cache events: hit, miss, coalesced, "
             "corrupt, unverified, error_get, error_set, too_large, lock_lost", tag_keys=("event",))
+        self.cache_errors = metrics.Counter(
+            "hero_vision_cache_errors", "Failed token cache store calls (each served as a "
+            "miss) by kind: tls, auth, connection, timeout, error", tag_keys=("reason",))
+        self.cache_up = metrics.Gauge(
+            "hero_vision_cache_up", "1 while the token cache store answers, 0 from a failed "
+            "call until one succeeds (requests are then served as misses)")
         # ray annotates tag_keys as a 1-tuple; any tuple of names is accepted
         self.requests = metrics.Counter("hero_vision_requests", "Calls by RPC and final code",
                                         tag_keys=("rpc", "code"))  # type: ignore[arg-type]
@@ -42,6 +48,14 @@ class VisionMetrics:
     def observe(self, event: str) -> None:
         """Cache event (the `CacheMetrics` protocol)."""
         self.cache.inc(1, tags={"event": event})
+
+    def store_error(self, reason: str) -> None:
+        """A failed store call, by kind (the `CacheMetrics` protocol)."""
+        self.cache_errors.inc(1, tags={"reason": reason})
+
+    def store_up(self, up: bool) -> None:
+        """Whether the store answers (the `CacheMetrics` protocol)."""
+        self.cache_up.set(1 if up else 0)
 
     def stage(self, stage: str, ms: float) -> None:
         """Time of one stage, given in milliseconds (as in the API), kept in seconds."""

@@ -126,6 +126,8 @@ def test_an_image_id_can_replace_the_upload(client):
 
 
 def test_redis_outage_is_a_miss_and_the_cache_returns_with_redis(system, client, photo):
+    from grpc_health.v1 import health_pb2
+
     data = png(photo)
     run(client, data, Q1, max_new_tokens=2)
     port = system.redis.port
@@ -133,12 +135,16 @@ def test_redis_outage_is_a_miss_and_the_cache_returns_with_redis(system, client,
     try:
         down, tokens, _, _ = run(client, data, Q2, max_new_tokens=4)
         assert not down.cache_hit and tokens
+        status, cache = health(system.target)
+        assert status == health_pb2.HealthCheckResponse.SERVING  # misses still serve
+        assert (cache["hero-cache"], cache["hero-cache-reason"]) == ("degraded", "connection")
     finally:
         system.redis.port = port
         system.redis.start()
     first, *_ = run(client, data, Q2, max_new_tokens=2)
     second, *_ = run(client, data, Q1, max_new_tokens=2)
     assert not first.cache_hit and second.cache_hit
+    assert health(system.target)[1] == {"hero-cache": "ok"}
 
 
 @pytest.mark.parametrize(("options", "code", "message"), [
@@ -175,19 +181,26 @@ def test_the_public_api_requires_a_valid_bearer_token(system, photo, token):
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def health_status(target: str, service: str = "") -> int:
+def health(target: str, service: str = "") -> tuple[int, dict[str, str]]:
+    """The health status and the token cache's state from the trailing metadata."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=30).status
+        answer, call = health_pb2_grpc.HealthStub(channel).Check.with_call(
+            health_pb2.HealthCheckRequest(service=service), timeout=30)
+    cache = {k: v for k, v in call.trailing_metadata() or () if k.startswith("hero-cache")}
+    return answer.status, cache
+
+
+def health_status(target: str, service: str = "") -> int:
+    return health(target, service)[0]
 
 
 def test_the_public_port_answers_grpc_health_checks(system):
     from grpc_health.v1 import health_pb2
 
     serving = health_pb2.HealthCheckResponse.SERVING
-    assert health_status(system.target) == serving
+    assert health(system.target) == (serving, {"hero-cache": "ok"})
     assert health_status(system.target, "hero.vision.v1.VisionService") == serving
     with pytest.raises(grpc.RpcError) as info:
         health_status(system.target, "no.such.Service")
@@ -233,6 +246,7 @@ def test_the_vision_metrics_are_exported_under_their_documented_names(system):
     import urllib.request
 
     wanted = ("ray_hero_vision_cache_events_total", "ray_hero_vision_requests_total",
+              "ray_hero_vision_cache_up",
               "ray_hero_vision_stage_seconds_bucket", "ray_hero_vision_tokens_kept_bucket",
               "ray_hero_vision_sent_bytes_bucket")
     text, until = "", time.monotonic() + 60

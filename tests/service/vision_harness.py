@@ -104,6 +104,7 @@ class Context:
         self.metadata = metadata or {}
         self.code_set: Any = None
         self.details_set = ""
+        self.trailing: dict[str, str] = {}
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return list(self.metadata.items())
@@ -113,3 +114,6 @@ class Context:
 
     def set_details(self, details: str) -> None:
         self.details_set = details
+
+    def set_trailing_metadata(self, metadata: list[tuple[str, str]]) -> None:
+        self.trailing = dict(metadata)
