@@ -12,8 +12,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models"
 
-SET_ON_IMPORT = frozenset({"RAY_CLIENT_MODE"})
-"""Variables a library sets to their default when it is first imported (`import ray`)."""
+LIBRARY_DEFAULTS = frozenset({"RAY_CLIENT_MODE", "TORCHINDUCTOR_CACHE_DIR"})
+"""Variables a library sets to its own default the first time it is imported or used
+(`import ray`; torch's compile cache directory): the same in every test order."""
 
 LEAKS: list[str] = []
 """Tests after which the process's environment or working directory differed."""
@@ -28,7 +29,7 @@ def state_changes(before: tuple[dict[str, str], str],
     """What a test changed of the process state every later test inherits."""
     (env_before, cwd_before), (env_after, cwd_after) = before, after
     changed = [f"${name}" for name in sorted(env_before.keys() | env_after.keys())
-               if env_before.get(name) != env_after.get(name) and name not in SET_ON_IMPORT]
+               if env_before.get(name) != env_after.get(name) and name not in LIBRARY_DEFAULTS]
     return changed + ([f"cwd {cwd_before} -> {cwd_after}"] if cwd_before != cwd_after else [])
 
 
