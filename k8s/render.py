@@ -93,19 +93,18 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
             *proxy_env(),
             {"name": "HERO_VISION_CACHE__PASSWORD",
              "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
-            # Bearer tokens of the public API; without the secret the API is open.
+            # Every secret is required: a pod whose secret is missing does not start
+            # (the service would refuse to start without API tokens anyway).
+            # Bearer tokens of the public API.
             {"name": "HERO_VISION_API_TOKENS",
-             "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens",
-                                            "optional": True}}},
+             "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens"}}},
             # The token the language service accepts (the secret of its
             # HERO_LANGUAGE_API_TOKENS).
             {"name": "HERO_VISION_LANGUAGE_TOKEN",
-             "valueFrom": {"secretKeyRef": {"name": "hero-internal-token", "key": "token",
-                                            "optional": True}}},
-            # Key of the cache entries' HMAC; without the secret entries carry no MAC.
+             "valueFrom": {"secretKeyRef": {"name": "hero-internal-token", "key": "token"}}},
+            # Key of the cache entries' HMAC.
             {"name": "HERO_VISION_CACHE__SECRET",
-             "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret",
-                                            "optional": True}}},
+             "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret"}}},
         ],
         "ports": [{"name": p, "containerPort": n} for p, n in ports],
         "readinessProbe": _probe(node, live=False),

@@ -380,7 +380,8 @@ def main() -> None:
     os.environ["HERO_VISION_API_TOKENS"] = TOKEN
     system = LocalSystem("tiny", args.models_dir, grpc_port=free_port(), num_cpus=2,
                          language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS":
-                                       str(LONG["max_new_tokens"])})
+                                       str(LONG["max_new_tokens"]),
+                                       "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED": "true"})
     system.start()
     try:
         run = asyncio.run(soak(system, args.duration, args.rate, args.seed))

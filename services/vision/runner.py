@@ -42,6 +42,9 @@ class ServeApp:
 
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
+        # The app's args are checked (values, API tokens) before Ray starts.
+        deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
+        application = build_app(app.args, deployments)
         # Serve's proxy reads its message bound from the environment when it starts.
         proxy_env = VisionConfig.load(values=app.args).proxy_env()
         os.environ.update(proxy_env)
@@ -55,8 +58,7 @@ class ServeApp:
                     http_options=schema.http_options.model_dump(),
                     grpc_options=schema.grpc_options.model_dump())
         # The config's deployment settings, as `serve run` and KubeRay apply them.
-        deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
-        serve.run(build_app(app.args, deployments), name=app.name,
+        serve.run(application, name=app.name,
                   route_prefix=app.route_prefix, blocking=False)
         deadline = time.monotonic() + timeout_s
         while not self.running():

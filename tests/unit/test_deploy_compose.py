@@ -312,3 +312,21 @@ def test_secrets_are_referenced_never_committed(rendered):
         for env in container.get("env", []):
             if any(word in env["name"] for word in ("PASSWORD", "SECRET", "TOKEN")):
                 assert "valueFrom" in env and "value" not in env, env["name"]
+
+
+def test_only_the_default_profile_runs_without_tokens():
+    """The services refuse to start without API tokens unless told otherwise: the CPU
+    profile's two services are (for a laptop; tokens from the shell still apply), the gpu
+    services never are."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    runs = compose_runs(compose)
+    open_ = {name for name, s in services.items()
+             for key, value in s.get("environment", {}).items()
+             if key.endswith("_ALLOW_UNAUTHENTICATED") and str(value).lower() == "true"}
+    assert open_ == {"language", "vision"} <= runs["default"]
+    assert not open_ & runs["gpu"]
+    for name in ("language", "vision", "language-gpu", "vision-gpu"):
+        env = services[name]["environment"]
+        (tokens,) = [v for k, v in env.items() if k.endswith("_API_TOKENS")]
+        assert tokens.startswith("${HERO_") and tokens.endswith(":-}"), name  # from the shell
