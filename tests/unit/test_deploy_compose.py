@@ -256,7 +256,8 @@ def test_ports_images_and_metrics_agree_with_the_code(rendered):
     serve = yaml.safe_load((ROOT / "services" / "vision" / "serve_config.yaml").read_text())
     (rayservice,) = by_kind(docs, "RayService")
     vision_svc = rayservice["spec"]["serveService"]
-    assert vision_svc["spec"]["ports"][0]["targetPort"] == serve["grpc_options"]["port"]
+    (grpc_port,) = [p for p in vision_svc["spec"]["ports"] if p["name"] == "serve-grpc"]
+    assert grpc_port["targetPort"] == serve["grpc_options"]["port"]
 
     (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
