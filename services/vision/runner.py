@@ -17,14 +17,20 @@ SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
 
 
 class ServeApp:
-    """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app of `config`
-    (a Serve config: proxy, HTTP and gRPC options, one application)."""
+    """A local Ray (no dashboard) running the vision app of `config` (a Serve config:
+    proxy, HTTP and gRPC options, one application).
+
+    `node_ip`: the address Ray registers the node under, 127.0.0.1 by default; None lets
+    Ray pick this host's outward address. Ray's dashboard agent binds the metrics export
+    port to the node's address when that is a loopback one and to every interface
+    otherwise, so a container whose metrics another container scrapes needs None."""
 
     def __init__(self, config: dict[str, Any], num_cpus: int | None = None,
-                 metrics_export_port: int | None = None):
+                 metrics_export_port: int | None = None, node_ip: str | None = "127.0.0.1"):
         self.config = config
         self.num_cpus = num_cpus
         self.metrics_export_port = metrics_export_port
+        self.node_ip = node_ip
 
     @property
     def grpc_target(self) -> str:
@@ -49,7 +55,7 @@ class ServeApp:
         proxy_env = VisionConfig.load(values=app.args).proxy_env()
         os.environ.update(proxy_env)
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
-                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _node_ip_address=self.node_ip, log_to_driver=False,
                  _metrics_export_port=self.metrics_export_port,
                  runtime_env={"working_dir": None,
                               "env_vars": {"PYTHONPATH": str(ROOT), **proxy_env}},

@@ -315,6 +315,54 @@ def test_secrets_are_referenced_never_committed(rendered):
                 assert "valueFrom" in env and "value" not in env, env["name"]
 
 
+def metrics_ports(service: dict[str, Any]) -> set[int]:
+    """The ports a Compose service serves Prometheus metrics on, as its environment sets
+    them: our services' `*_METRICS_PORT`, an exporter's `*_WEB_LISTEN_ADDRESS`."""
+    ports = set()
+    for name, value in service.get("environment", {}).items():
+        if name.endswith("_METRICS_PORT") and int(value):
+            ports.add(int(value))
+        elif name.endswith("_WEB_LISTEN_ADDRESS"):
+            ports.add(int(str(value).rsplit(":", 1)[1]))
+    return ports
+
+
+def test_every_running_service_with_a_metrics_port_is_scraped():
+    """In each profile's run, Prometheus has a target at every metrics port, by the
+    service's name or an alias it has on a network Prometheus joins. The vision
+    container's Ray node is registered under a non-loopback address: Ray binds the
+    metrics port to 127.0.0.1 alone for a loopback node (the dashboard agent's reporter,
+    ray/dashboard/modules/reporter/reporter_agent.py), where Prometheus cannot reach it."""
+    from ray._common.network_utils import is_localhost
+
+    from services.vision.__main__ import NodeSettings
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    prometheus = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"]
+               for t in c["targets"]}
+    seen = set(services["prometheus"]["networks"])
+
+    def names(name: str) -> set[str]:
+        nets = services[name].get("networks", {})
+        nets = nets if isinstance(nets, dict) else {n: {} for n in nets}
+        return {name} | {a for net, cfg in nets.items() if net in seen
+                         for a in (cfg or {}).get("aliases", [])}
+
+    for run, running in compose_runs(compose).items():
+        scraped = [(name, port) for name in running for port in metrics_ports(services[name])]
+        assert {n for n, _ in scraped} >= {"redis-exporter"} and len(scraped) >= 3, run
+        for name, port in scraped:
+            assert any(f"{host}:{port}" in targets for host in names(name)), (run, name, port)
+    for name, service in services.items():
+        if service.get("build", {}).get("target") == "vision":
+            node_ip = service["environment"].get("HERO_VISION_NODE_IP")
+            assert node_ip is not None, name
+            address = NodeSettings(node_ip=node_ip).ray_node_ip()
+            assert address is None or not is_localhost(address), name
+
+
 def test_only_the_default_profile_runs_without_tokens():
     """The services refuse to start without API tokens unless told otherwise: the CPU
     profile's two services are (for a laptop; tokens from the shell still apply), the gpu

@@ -1,5 +1,6 @@
 """docs/DEPLOY.md's commands against the rendered manifests: the secrets they create are
-the ones the pods require, and every setting they name exists."""
+the ones the pods require, the monitoring charts they install find each other, and every
+setting they name exists."""
 
 from __future__ import annotations
 
@@ -80,6 +81,62 @@ def test_every_secret_is_required_and_created_as_documented(rendered):
     for ingress in by_kind(docs, "Ingress"):
         for tls in ingress["spec"]["tls"]:
             assert {"tls.crt", "tls.key"} <= created[tls["secretName"]]
+
+
+def helm_installs() -> dict[str, tuple[str, dict[str, list[str]], dict[str, str]]]:
+    """Chart name -> (release, options, --set values) of DEPLOY.md's `helm install`s."""
+    installs = {}
+    for words in commands():
+        if words[:2] == ["helm", "install"]:
+            opts = options(words)
+            sets = dict(v.split("=", 1) for v in opts.get("--set", []))
+            installs[words[3].split("/")[-1]] = (words[2], opts, sets)
+    return installs
+
+
+def kube_prometheus_stack_service(release: str) -> str:
+    """The Prometheus Service of a kube-prometheus-stack release: the chart's fullname
+    (the release name when it contains the chart's name, else release-chart; at most 26
+    characters) + "-prometheus" (templates/prometheus/service.yaml, _helpers.tpl)."""
+    chart = "kube-prometheus-stack"
+    fullname = release if chart in release else f"{release}-{chart}"
+    return fullname[:26].rstrip("-") + "-prometheus"
+
+
+def test_the_documented_adapter_reads_the_documented_prometheus():
+    """prometheus-adapter's chart points at `http://prometheus.default.svc` unless told:
+    the install line names the Service and port of the Prometheus the docs install, the
+    namespace labelled for scraping is that Prometheus', and the adapter's rules are the
+    overlay's ConfigMap in the adapter's namespace."""
+    import subprocess
+
+    import yaml
+
+    from tests.unit.deploy_support import kubectl
+
+    installs = helm_installs()
+    release, stack, _ = installs["kube-prometheus-stack"]
+    namespace = stack["-n"][0]
+    _, adapter, values = installs["prometheus-adapter"]
+    host = f"{kube_prometheus_stack_service(release)}.{namespace}.svc"
+    assert values["prometheus.url"] in (f"http://{host}", f"http://{host}.cluster.local")
+    assert values["prometheus.port"] == "9090"  # the chart's prometheus.service.port
+    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / "gpu")],
+                         capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    rules = next(d for d in by_kind(docs, "ConfigMap")
+                 if d["metadata"]["name"] == values["rules.existing"])
+    assert rules["metadata"]["namespace"] == adapter["-n"][0] == namespace
+    assert "config.yaml" in rules["data"]
+    # the release's Prometheus selects PodMonitors labelled with its release name
+    monitors = by_kind(docs, "PodMonitor")
+    assert monitors and all(m["metadata"]["labels"]["release"] == release for m in monitors)
+    labelled = [w for w in commands() if w[:3] == ["kubectl", "label", "namespace"]]
+    assert [w[3:] for w in labelled] == [[namespace, "hero-serve/monitoring=true"]]
+    scrapers = [peer["namespaceSelector"]["matchLabels"] for d in by_kind(docs, "NetworkPolicy")
+                for rule in d["spec"]["ingress"] for peer in rule.get("from", [])
+                if "hero-serve/monitoring" in str(peer)]
+    assert scrapers and all(s == {"hero-serve/monitoring": "true"} for s in scrapers)
 
 
 @pytest.mark.parametrize("doc", ["DEPLOY.md", "SECURITY.md"])
