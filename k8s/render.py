@@ -25,6 +25,8 @@ SERVE_CONFIG = ROOT / "services" / "vision" / "serve_config.yaml"
 RAYSERVICE = ROOT / "k8s" / "base" / "vision-rayservice.yaml"
 GPU_PATCH = ROOT / "k8s" / "overlays" / "gpu" / "serve-config-patch.yaml"
 RAY_VERSION = "2.60.0"
+SERVE_PORT = 8000
+"""Serve's HTTP proxy in the cluster: KubeRay checks each proxy's health there."""
 
 CLUSTER_ARGS: dict[str, Any] = {
     "models_dir": "/models",
@@ -46,7 +48,7 @@ GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
 def serve_config(gpu: bool) -> dict[str, Any]:
     """The repo's Serve config with the cluster's (and optionally the GPU) values."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"] = {"host": "0.0.0.0", "port": 8000}
+    config["http_options"] = {"host": "0.0.0.0", "port": SERVE_PORT}
     app = config["applications"][0]
     app["args"] = deep_merge(app["args"], CLUSTER_ARGS)
     if gpu:
@@ -65,21 +67,42 @@ def proxy_env() -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in args.proxy_env().items()]
 
 
-# Ray's object store lives in /dev/shm: each group's shm volume is at least its store
-# (a smaller shm makes Ray spill the store to disk). Bytes.
+# Ray's object store lives in /dev/shm: each group's in-memory shm volume holds its store
+# with room to spare (Ray falls back to disk when the store does not fit, and torch and
+# NCCL share the same volume), and the memory limit, which the volume counts against,
+# holds a full shm plus the Ray processes. Bytes.
 OBJECT_STORE = {"head": 512 << 20, "worker": 1536 << 20}
 SHM = {"head": "1Gi", "worker": "2Gi"}
 
+# KubeRay's default probes (ray-operator/controllers/ray/common/pod.go,
+# initLivenessAndReadinessProbe; thresholds in utils/constant.go), for Ray >= 2.53:
+# liveness and the head's readiness GET the dashboard agent's /api/healthz (raylet, and the
+# GCS on the head); a RayService worker is ready only while its Serve proxy answers too,
+# checked by a `wget` command (absent from our images) that fails the pod after one miss.
+AGENT_PORT = 52365
+
 
 def _probe(node: str, live: bool) -> dict[str, Any]:
-    """KubeRay's default Ray probes (raylet, GCS, Serve proxy), without `wget`."""
-    command = ["python", "-m", "services.healthcheck", "--ray-node", node]
-    probe: dict[str, Any] = {"exec": {"command": command + (["--live"] if live else [])},
-                             "timeoutSeconds": 5, "periodSeconds": 5 if not live else 10,
-                             "failureThreshold": 10 if not live else 120}
-    if live:
-        probe["initialDelaySeconds"] = 30
-    return probe
+    """KubeRay's default probe of a `node` ("head" or "worker"), `wget` replaced by
+    `python -m services.healthcheck` where KubeRay would run it."""
+    timing = {"initialDelaySeconds": 30 if live else 10,
+              "timeoutSeconds": 5 if node == "head" else 2,
+              "periodSeconds": 5, "successThreshold": 1,
+              "failureThreshold": 120 if live else 10}
+    if live or node == "head":
+        return {"httpGet": {"path": "/api/healthz", "port": AGENT_PORT}, **timing}
+    # The worker's readiness: raylet and Serve proxy, one failure takes it out of the
+    # serve Service. A Python process starts slower than wget: 2 s per check, 5 s in all.
+    command = ["python", "-m", "services.healthcheck", "--ray-node", node,
+               "--agent-port", str(AGENT_PORT), "--serve-port", str(SERVE_PORT),
+               "--timeout", "2"]
+    return {"exec": {"command": command}, **timing, "timeoutSeconds": 5,
+            "failureThreshold": 1}
+
+
+def locked_down() -> dict[str, Any]:
+    """The security context of every container (the pod's adds non-root and seccomp)."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -> dict[str, Any]:
@@ -93,26 +116,24 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
             *proxy_env(),
             {"name": "HERO_VISION_CACHE__PASSWORD",
              "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
-            # Bearer tokens of the public API; without the secret the API is open.
+            # Every secret is required: a pod whose secret is missing does not start
+            # (the service would refuse to start without API tokens anyway).
+            # Bearer tokens of the public API.
             {"name": "HERO_VISION_API_TOKENS",
-             "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens",
-                                            "optional": True}}},
+             "valueFrom": {"secretKeyRef": {"name": "hero-api-tokens", "key": "tokens"}}},
             # The token the language service accepts (the secret of its
             # HERO_LANGUAGE_API_TOKENS).
             {"name": "HERO_VISION_LANGUAGE_TOKEN",
-             "valueFrom": {"secretKeyRef": {"name": "hero-internal-token", "key": "token",
-                                            "optional": True}}},
-            # Key of the cache entries' HMAC; without the secret entries carry no MAC.
+             "valueFrom": {"secretKeyRef": {"name": "hero-internal-token", "key": "token"}}},
+            # Key of the cache entries' HMAC.
             {"name": "HERO_VISION_CACHE__SECRET",
-             "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret",
-                                            "optional": True}}},
+             "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret"}}},
         ],
         "ports": [{"name": p, "containerPort": n} for p, n in ports],
         "readinessProbe": _probe(node, live=False),
         "livenessProbe": _probe(node, live=True),
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": locked_down(),
         "volumeMounts": [{"name": "models", "mountPath": "/models"},
                          {"name": "shm", "mountPath": "/dev/shm"}],
     }
@@ -133,11 +154,13 @@ def _pod(container: dict[str, Any], node: str) -> dict[str, Any]:
 
 
 def rayservice() -> dict[str, Any]:
+    # KubeRay builds the serve Service from the head container's ports named `serve` or
+    # `serve-*` (HTTP 8000, gRPC 9000); a port named otherwise never reaches it.
+    grpc_port = int(serve_config(gpu=False)["grpc_options"]["port"])
+    serving = [("serve", SERVE_PORT), ("serve-grpc", grpc_port)]
     head = _container("ray-head", [("gcs", 6379), ("dashboard", 8265), ("client", 10001),
-                                   ("serve", 8000), ("grpc", 9000), ("metrics", 8080)],
-                      "1", "4Gi")
-    worker = _container("ray-worker", [("serve", 8000), ("grpc", 9000), ("metrics", 8080)],
-                        "2", "8Gi")
+                                   *serving, ("metrics", 8080)], "1", "4Gi")
+    worker = _container("ray-worker", [*serving, ("metrics", 8080)], "2", "8Gi")
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -146,16 +169,25 @@ def rayservice() -> dict[str, Any]:
             "serveConfigV2": yaml.safe_dump(serve_config(gpu=False), sort_keys=False),
             # The public gRPC Service. KubeRay points it at the pods whose Serve proxy is
             # healthy in the cluster whose app is running, and switches it to the new
-            # cluster only once that cluster serves (zero-downtime upgrades).
+            # cluster only once that cluster serves (zero-downtime upgrades). Its ports are
+            # the head container's serving ports (`serve`, `serve-*`); a port listed here
+            # only replaces the one of the same name (so these names must match them).
             "serveService": {
                 "metadata": {"name": "hero-vision-grpc",
                              "labels": {"app.kubernetes.io/name": "hero-vision"}},
-                "spec": {"ports": [{"name": "grpc", "port": 9000, "targetPort": 9000}]},
+                "spec": {"ports": [
+                    {"name": "serve", "port": SERVE_PORT, "targetPort": SERVE_PORT},
+                    {"name": "serve-grpc", "port": grpc_port, "targetPort": grpc_port,
+                     "appProtocol": "kubernetes.io/h2c"},
+                ]},
             },
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120},
+                # KubeRay adds the autoscaler as a sidecar of the head pod, locked down
+                # like our containers.
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120,
+                                      "securityContext": locked_down()},
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
                                        "metrics-export-port": "8080",

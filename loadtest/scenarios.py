@@ -67,7 +67,8 @@ def run_all(out_dir: Path) -> dict[str, Any]:
     from services.local import LocalSystem, free_port
 
     models = Path("models")
-    system = LocalSystem("tiny", models, grpc_port=free_port(), num_cpus=2)
+    system = LocalSystem("tiny", models, grpc_port=free_port(), num_cpus=2,
+                         allow_unauthenticated=True)
     system.start()
     baseline = Baseline(models)
     results: dict[str, Any] = {}

@@ -379,7 +379,8 @@ def main() -> None:
 
     system = LocalSystem("tiny", args.models_dir, grpc_port=free_port(), num_cpus=2,
                          language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS":
-                                       str(LONG["max_new_tokens"])},
+                                       str(LONG["max_new_tokens"]),
+                                       "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED": "true"},
                          vision_env={"HERO_VISION_API_TOKENS": TOKEN})
     system.start()
     try:

@@ -222,8 +222,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     vision_args: dict[str, Any] = {"device": args.device or "cpu"}
     if args.dtype:
         vision_args["dtype"] = args.dtype
+    # Local use: the services run without API tokens unless the environment gives some.
     system = LocalSystem(args.model, args.models_dir, args.redis_url, args.grpc_port,
-                         args.language_port, args.num_cpus, vision_args)
+                         args.language_port, args.num_cpus, vision_args,
+                         allow_unauthenticated=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -233,6 +235,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis = args.redis_url or f"private Redis on {system.redis.url if system.redis else '?'}"
         print(f"HERO Serve ready: VisionService on {system.target} (cache: {redis}, "
               f"language service on {system.language.target}). Ctrl-C stops.", flush=True)
+        if not system.requires_token():
+            print("authentication is off: the VisionService accepts every caller (local "
+                  "use; set HERO_VISION_API_TOKENS to require a bearer token)", flush=True)
         stop.wait()
     finally:
         print("stopping ...", flush=True)

@@ -186,20 +186,31 @@ def serve_config(args: dict[str, Any], grpc_port: int, http_port: int,
 
 
 class LocalSystem:
-    """Redis (private unless a URL is given) + language service + vision app."""
+    """Redis (private unless a URL is given) + language service + vision app.
+
+    Like a deployment, each service refuses to start without API tokens (from this
+    process's environment: HERO_LANGUAGE_API_TOKENS, HERO_VISION_API_TOKENS) unless
+    `allow_unauthenticated` turns authentication off explicitly for both (local use);
+    tokens, where given, are required all the same."""
 
     def __init__(self, model: str = "tiny", models_dir: Path = Path("models"),
                  redis_url: str | None = None, grpc_port: int = 9000,
                  language_port: int | None = None, num_cpus: int | None = None,
                  vision_args: dict[str, Any] | None = None,
                  language_env: dict[str, str] | None = None,
-                 vision_env: dict[str, str] | None = None):
+                 vision_env: dict[str, str] | None = None,
+                 allow_unauthenticated: bool = False):
         self.redis = None if redis_url else RedisProcess()
         self.redis_url = redis_url
+        unauthenticated = {"HERO_LANGUAGE_ALLOW_UNAUTHENTICATED": "true"} \
+            if allow_unauthenticated else {}
         self.language = LanguageProcess(model, models_dir.resolve(), language_port,
-                                        extra_env=language_env, metrics_port=free_port())
+                                        extra_env={**unauthenticated, **(language_env or {})},
+                                        metrics_port=free_port())
         args = {"model": model, "models_dir": str(models_dir.resolve()),
-                "language_target": self.language.target, **(vision_args or {})}
+                "language_target": self.language.target,
+                **({"allow_unauthenticated": True} if allow_unauthenticated else {}),
+                **(vision_args or {})}
         self.args = args
         self.vision_env = dict(vision_env or {})
         """`HERO_VISION_*` variables for the vision app's replicas (this process keeps its
@@ -212,6 +223,14 @@ class LocalSystem:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    def requires_token(self) -> bool:
+        """Whether the public API requires a bearer token (HERO_VISION_API_TOKENS in this
+        environment)."""
+        from services.common.auth import BearerTokens
+        from services.vision.config import VisionConfig
+
+        return BearerTokens.from_secret(VisionConfig.load(values=self.args).api_tokens).enabled
 
     def start(self) -> LocalSystem:
         try:

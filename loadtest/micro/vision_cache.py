@@ -62,7 +62,7 @@ def run(misses: int = 12, hits: int = 50, redis_repeats: int = 50) -> dict[str, 
     if not is_built(MODEL_DIR, "clip-l"):
         build_tiny(MODEL_DIR, "clip-l")
     system = LocalSystem(str(MODEL_DIR.resolve()), Path("models"), grpc_port=free_port(),
-                         num_cpus=2)
+                         num_cpus=2, allow_unauthenticated=True)
     system.start()
     result: dict[str, Any] = {}
     try:

@@ -1,19 +1,29 @@
 """Bearer-token authentication of gRPC calls, the same for both services.
 
 The accepted tokens come from the service's settings, filled from a secret (comma-
-separated, so a token can be rotated by accepting old and new for a while); none set
-turns authentication off. Tokens are compared in constant time and never logged.
+separated, so a token can be rotated by accepting old and new for a while). A service
+without tokens refuses to start (`require_tokens`) unless its settings turn
+authentication off explicitly (`allow_unauthenticated`, for local use). Tokens are
+compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import SecretStr
 
 from services.common.errors import UnauthenticatedError
+
+log = logging.getLogger("hero.auth")
+
+
+class MissingTokensError(RuntimeError):
+    """A service was about to start with no API tokens while authentication was not
+    turned off explicitly: it refuses to run with its API open."""
 
 
 class BearerTokens:
@@ -46,3 +56,22 @@ class BearerTokens:
 def bearer_metadata(token: str | None) -> list[tuple[str, str]] | None:
     """Call metadata carrying `token` (None without one)."""
     return [("authorization", f"Bearer {token}")] if token else None
+
+
+def require_tokens(secret: SecretStr | None, allow_unauthenticated: bool,
+                   env_prefix: str) -> BearerTokens:
+    """The tokens of `secret`; with none, `MissingTokensError` unless
+    `allow_unauthenticated` (then every caller is accepted, and the log says so).
+    `env_prefix` names the service's variables in the messages."""
+    tokens = BearerTokens.from_secret(secret)
+    if tokens.enabled:
+        return tokens
+    if not allow_unauthenticated:
+        raise MissingTokensError(
+            f"no API tokens: set {env_prefix}API_TOKENS (comma-separated bearer tokens, "
+            f"from a secret), or {env_prefix}ALLOW_UNAUTHENTICATED=true (the setting "
+            "allow_unauthenticated) to run without authentication, for local use only")
+    log.warning("authentication is off (allow_unauthenticated, %sALLOW_UNAUTHENTICATED, "
+                "is set and no API tokens are configured): every caller is accepted",
+                env_prefix)
+    return tokens

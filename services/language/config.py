@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hero_core.config import DEFAULT_LIMITS
+from services.common.auth import BearerTokens, require_tokens
 from services.common.config import ServiceSettings
 
 ENV_PREFIX = "HERO_LANGUAGE_"
@@ -106,8 +107,11 @@ class LanguageConfig(ServiceSettings):
     """CA of client certificates; set it to require mutual TLS (the vision service's)."""
     api_tokens: SecretStr | None = None
     """Comma-separated bearer tokens the LanguageService accepts (from a secret, as
-    `HERO_LANGUAGE_API_TOKENS`); unset or empty turns authentication off (health and
-    reflection never need one)."""
+    `HERO_LANGUAGE_API_TOKENS`; health and reflection never need one). Without tokens the
+    service refuses to start unless `allow_unauthenticated` is set."""
+    allow_unauthenticated: bool = False
+    """Start without `api_tokens`, accepting every caller (local use: `hero serve`, the
+    Compose default profile). Tokens, when given, are required all the same."""
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl, Postman)."""
     metrics_host: str = "127.0.0.1"
@@ -125,6 +129,11 @@ class LanguageConfig(ServiceSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
+
+    def bearer_tokens(self) -> BearerTokens:
+        """The tokens the LanguageService accepts; `MissingTokensError` when there are
+        none and `allow_unauthenticated` is not set (the service does not start)."""
+        return require_tokens(self.api_tokens, self.allow_unauthenticated, ENV_PREFIX)
 
     @model_validator(mode="after")
     def _tls_is_complete(self) -> LanguageConfig:

@@ -27,7 +27,6 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.errors import InvalidInputError
-from services.common.auth import BearerTokens
 from services.common.codec import (
     DTYPE_NAMES,
     ChunkAssembler,
@@ -108,7 +107,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.engine: Engine | None = None
         self.admission = Admission(config.max_queue, self._occupancy, self._describe)
         self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
-        self.auth = BearerTokens.from_secret(config.api_tokens)
+        self.auth = config.bearer_tokens()  # none: refuses to start, unless allowed
 
     async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> language_pb2.ModelInfo:

@@ -5,9 +5,10 @@
 Application args come from the Serve config; environment variables `HERO_VISION_<KEY>`
 override them in every process that loads them (nested keys with `__`, e.g.
 `HERO_VISION_CACHE__URL`; see `services.vision.config`). `HERO_VISION_GRPC_PORT` sets
-the gRPC port and `HERO_VISION_METRICS_PORT` the port where Ray exports the Prometheus
-metrics (`NodeSettings`). On a Ray cluster use KubeRay's RayService or `serve deploy`
-with the same file instead. SIGTERM shuts Serve and Ray down.
+the gRPC port, `HERO_VISION_METRICS_PORT` the port where Ray exports the Prometheus
+metrics and `HERO_VISION_NODE_IP` the node's address (`auto` in a container, so that
+other containers reach the metrics port; `NodeSettings`). On a Ray cluster use KubeRay's
+RayService or `serve deploy` with the same file instead. SIGTERM shuts Serve and Ray down.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ class NodeSettings(ServiceSettings):
     """Serve's gRPC port; None: the Serve config's."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Where Ray exports the Prometheus metrics; None: a port of Ray's choosing."""
+    node_ip: str = "127.0.0.1"
+    """The address Ray registers this node under. Ray binds the metrics port to it when it
+    is a loopback address, else to every interface: `auto` (this host's outward address,
+    Ray's choice) in a container whose metrics Prometheus scrapes from another one."""
+
+    def ray_node_ip(self) -> str | None:
+        """`node_ip` as `ServeApp` takes it (None: Ray picks)."""
+        return None if self.node_ip == "auto" else self.node_ip
 
 
 def resolve_config(path: Path, node: NodeSettings) -> dict[str, Any]:
@@ -54,8 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     node = NodeSettings()
-    app = ServeApp(resolve_config(args.serve_config, node),
-                   metrics_export_port=node.metrics_port).start()
+    app = ServeApp(resolve_config(args.serve_config, node), metrics_export_port=node.metrics_port,
+                   node_ip=node.ray_node_ip()).start()
     print(f"vision service ready on port {app.config['grpc_options']['port']}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,7 +27,9 @@ def build_app(args: dict[str, Any],
     """Application builder: `import_path: services.vision.app:build_app`. `deployments`:
     per-deployment settings of a Serve config (`name` plus `.options()` fields) when the
     app is run from Python rather than deployed from the config by Serve or KubeRay."""
-    VisionConfig.load(values=args)  # a bad value fails the deploy here, not in a replica
+    # A bad value, or no API tokens without allow_unauthenticated, fails the deploy here
+    # rather than in a replica (each replica checks its own environment again).
+    VisionConfig.load(values=args).bearer_tokens()
     # The args travel as given; each replica loads them with its own environment, so
     # secrets never ride in the deployments' arguments.
     config = dict(args)

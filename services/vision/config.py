@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hero_core.config import DEFAULT_LIMITS
+from services.common.auth import BearerTokens, require_tokens
 from services.common.config import ServiceSettings
 
 ENV_PREFIX = "HERO_VISION_"
@@ -73,7 +74,11 @@ class VisionConfig(ServiceSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     api_tokens: SecretStr | None = None
     """Comma-separated bearer tokens the public API accepts (from a secret, as
-    `HERO_VISION_API_TOKENS`); unset or empty turns authentication off (local use)."""
+    `HERO_VISION_API_TOKENS`). Without tokens the service refuses to start unless
+    `allow_unauthenticated` is set."""
+    allow_unauthenticated: bool = False
+    """Start without `api_tokens`, accepting every caller (local use: `hero serve`, the
+    Compose default profile). Tokens, when given, are required all the same."""
     torch_threads: int = Field(0, ge=0)
     """CPU threads for the encoder's torch ops; 0 = every core. Ray limits a replica to
     its `num_cpus` threads otherwise, which starves a CPU encoder."""
@@ -119,6 +124,11 @@ class VisionConfig(ServiceSettings):
     def proxy_env(self) -> dict[str, str]:
         """Environment of the Ray processes that run Serve's proxy."""
         return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(self.max_request_bytes)}
+
+    def bearer_tokens(self) -> BearerTokens:
+        """The tokens the public API accepts; `MissingTokensError` when there are none
+        and `allow_unauthenticated` is not set (the service does not start)."""
+        return require_tokens(self.api_tokens, self.allow_unauthenticated, ENV_PREFIX)
 
     def method(self, name: str) -> Any:
         """The pruning method `name` with this deployment's options."""

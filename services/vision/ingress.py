@@ -26,7 +26,6 @@ from ray.serve.handle import DeploymentHandle
 
 from hero_core.errors import InvalidInputError
 from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
-from services.common.auth import BearerTokens
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
 from services.common.config import secret_value
 from services.common.errors import (
@@ -172,6 +171,7 @@ class VisionIngress:
         from transformers import AutoConfig
 
         self.config = VisionConfig.load(values=config)
+        self.auth = self.config.bearer_tokens()  # none: refuses to start, unless allowed
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,
                             self.config.dtype)
         model_config = AutoConfig.from_pretrained(spec.model,
@@ -193,7 +193,6 @@ class VisionIngress:
             encoder_fingerprint(spec, model_config.vision_feature_layer, tiling),
             int(model_config.vision_config.hidden_size), self.metrics)
         self.language = language_client(self.config)
-        self.auth = BearerTokens.from_secret(self.config.api_tokens)
         self._health: tuple[float, bool] = (0.0, False)
 
     def _authorize(self, grpc_context: Any) -> None:

@@ -36,14 +36,21 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 class ServeApp:
-    """A local Ray (node IP 127.0.0.1, no dashboard) running the vision app of `config`
-    (a Serve config: proxy, HTTP and gRPC options, one application)."""
+    """A local Ray (no dashboard) running the vision app of `config` (a Serve config:
+    proxy, HTTP and gRPC options, one application).
+
+    `node_ip`: the address Ray registers the node under, 127.0.0.1 by default; None lets
+    Ray pick this host's outward address. Ray's dashboard agent binds the metrics export
+    port to the node's address when that is a loopback one and to every interface
+    otherwise, so a container whose metrics another container scrapes needs None."""
 
     def __init__(self, config: dict[str, Any], num_cpus: int | None = None,
-                 metrics_export_port: int | None = None, env: Mapping[str, str] | None = None):
+                 metrics_export_port: int | None = None, node_ip: str | None = "127.0.0.1",
+                 env: Mapping[str, str] | None = None):
         self.config = config
         self.num_cpus = num_cpus
         self.metrics_export_port = metrics_export_port
+        self.node_ip = node_ip
         self.env = dict(env or {})
         """`HERO_VISION_*` variables for the app's replicas (secrets, overrides): they reach
         Ray's processes, not this one's environment."""
@@ -55,15 +62,19 @@ class ServeApp:
     def start(self, timeout_s: float = 300) -> ServeApp:
         from ray.serve.schema import ServeDeploySchema
 
+        from services.vision.app import build_app
         from services.vision.config import VisionConfig
 
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
         with environment(self.env):
+            # The app's args are checked (values, API tokens) before Ray starts.
+            deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
+            application = build_app(app.args, deployments)
             # Serve's proxy reads its message bound from the environment when it starts.
             env = {**self.env, **VisionConfig.load(values=app.args).proxy_env()}
         with environment(env):
-            self._deploy(schema, env)
+            self._deploy(schema, application, env)
         deadline = time.monotonic() + timeout_s
         while not self.running():
             if time.monotonic() > deadline:
@@ -71,15 +82,13 @@ class ServeApp:
             time.sleep(0.2)
         return self
 
-    def _deploy(self, schema: Any, env: dict[str, str]) -> None:
+    def _deploy(self, schema: Any, application: Any, env: dict[str, str]) -> None:
         import ray
         from ray import serve
 
-        from services.vision.app import build_app
-
         (app,) = schema.applications
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
-                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _node_ip_address=self.node_ip, log_to_driver=False,
                  _metrics_export_port=self.metrics_export_port,
                  runtime_env={"working_dir": None,
                               "env_vars": {"PYTHONPATH": str(ROOT), **env}},
@@ -88,9 +97,7 @@ class ServeApp:
                     http_options=schema.http_options.model_dump(),
                     grpc_options=schema.grpc_options.model_dump())
         # The config's deployment settings, as `serve run` and KubeRay apply them.
-        deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
-        serve.run(build_app(app.args, deployments), name=app.name,
-                  route_prefix=app.route_prefix, blocking=False)
+        serve.run(application, name=app.name, route_prefix=app.route_prefix, blocking=False)
 
     def running(self) -> bool:
         """Whether the app runs; `RuntimeError` when it failed to deploy."""

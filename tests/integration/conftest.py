@@ -38,7 +38,9 @@ def system(tiny_dir):
                          # a small batch and queue, so a burst can fill them
                          language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": "4096",
                                        "HERO_LANGUAGE_BATCHING__MAX_BATCH_SIZE": "2",
-                                       "HERO_LANGUAGE_MAX_QUEUE": "4"},
+                                       "HERO_LANGUAGE_MAX_QUEUE": "4",
+                                       # internal, on 127.0.0.1: no token between them
+                                       "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED": "true"},
                          # the public API requires a bearer token; it reaches Ray's
                          # processes, not this one's environment
                          vision_env={"HERO_VISION_API_TOKENS":

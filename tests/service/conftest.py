@@ -57,9 +57,12 @@ class ServerThread:
 
 
 def language_config(**overrides):
+    """Test settings: free ports, no warm-up, and no API tokens required unless the
+    environment or `overrides` give some (authentication is off explicitly)."""
     from services.language.config import LanguageConfig
 
-    settings = {"port": 0, "metrics_port": 0, "warmup": False, **overrides}
+    settings = {"port": 0, "metrics_port": 0, "warmup": False,
+                "allow_unauthenticated": True, **overrides}
     return LanguageConfig(**settings)
 
 

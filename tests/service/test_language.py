@@ -359,7 +359,8 @@ def test_the_service_process_starts_reports_health_and_drains_on_sigterm(tmp_pat
 
     port = free_port()
     config = tmp_path / "language.yaml"
-    config.write_text(f"port: {port}\nmetrics_port: 0\nmodels_dir: {tiny_dir.parent}\n")
+    config.write_text(f"port: {port}\nmetrics_port: 0\nmodels_dir: {tiny_dir.parent}\n"
+                      "allow_unauthenticated: true\n")
     proc = subprocess.Popen([sys.executable, "-m", "services.language", "--config", str(config)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -76,3 +76,53 @@ def containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every container and init container of the rendered manifests."""
     return [c for node in nodes(docs) for key in ("containers", "initContainers")
             if isinstance(node.get(key), list) for c in node[key]]
+
+
+# ---- KubeRay's serve Service ---------------------------------------------------------
+# KubeRay v1.7.0, ray-operator/controllers/ray/common/service.go: BuildServeService (the
+# RayService case), getServicePorts, getPortsFromCluster, isServingPort; names and default
+# ports from ray-operator/controllers/ray/utils/constant.go.
+KUBERAY_DEFAULT_PORTS = {"client": 10001, "gcs-server": 6379, "dashboard": 8265,
+                         "metrics": 8080, "serve": 8000}
+
+
+def serving_port(name: str) -> bool:
+    """KubeRay keeps a head port in the serve Service when it is named `serve` or `serve-*`."""
+    return name == "serve" or name.startswith("serve-")
+
+
+def kuberay_serve_service(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """The serve Service KubeRay creates for `rayservice` (no incremental upgrade).
+
+    Candidate ports are the head group's Ray container's (containers[0]) ports, an
+    unnamed one called "<port>-port"; a container without ports gets KubeRay's defaults,
+    and `metrics` 8080 is added when missing. The serving ones among them (`serve`,
+    `serve-*`) become the Service's ports, as name and port (the target port is the same
+    number). With `spec.serveService` given, a port of it replaces the serving port of
+    the same name and its other ports are dropped; only when the head has no serving port
+    are its ports kept as written. Neither: KubeRay creates no Service (an error here).
+    The selector is always KubeRay's: the cluster's pods whose Serve proxy is healthy."""
+    spec = rayservice["spec"]
+    assert "upgradeStrategy" not in spec or spec["upgradeStrategy"].get("type") != \
+        "NewClusterWithIncrementalUpgrade", "incremental upgrades ignore serveService"
+    head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p.get("name") or f"{p['containerPort']}-port": p["containerPort"]
+             for p in head.get("ports", [])} or dict(KUBERAY_DEFAULT_PORTS)
+    ports.setdefault("metrics", KUBERAY_DEFAULT_PORTS["metrics"])
+    serving = [{"name": n, "port": p} for n, p in ports.items() if serving_port(n)]
+    given = spec.get("serveService")
+    if given is None:
+        assert serving, "no port named serve or serve-*: KubeRay creates no serve Service"
+        return {"metadata": {"name": f"{rayservice['metadata']['name']}-serve-svc"},
+                "spec": {"ports": serving, "selector": {"ray.io/serve": "true"}}}
+    user = {p.get("name"): p for p in given["spec"].get("ports", [])}
+    merged = [user.get(p["name"], p) for p in serving] if serving else list(user.values())
+    return {"metadata": {**given["metadata"],
+                         "name": given["metadata"].get("name") or
+                         f"{rayservice['metadata']['name']}-serve-svc"},
+            "spec": {**given["spec"], "ports": merged, "selector": {"ray.io/serve": "true"}}}
+
+
+def service_ports(service: dict[str, Any]) -> dict[int, int]:
+    """A Service's port -> the container port it forwards to."""
+    return {p["port"]: int(p.get("targetPort", p["port"])) for p in service["spec"]["ports"]}

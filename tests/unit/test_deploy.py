@@ -21,6 +21,7 @@ from tests.unit.deploy_support import (
     containers,
     nodes,
     release,
+    service_ports,
 )
 
 
@@ -163,7 +164,8 @@ def test_the_public_service_selects_serving_pods_only(rendered):
     (service,) = by_kind(docs, "RayService")
     serve = service["spec"]["serveService"]
     assert serve["metadata"]["name"] == "hero-vision-grpc"
-    assert {p["port"] for p in serve["spec"]["ports"]} == {9000}
+    assert {p["name"]: p["port"] for p in serve["spec"]["ports"]} == {"serve": 8000,
+                                                                      "serve-grpc": 9000}
     assert "selector" not in serve["spec"]  # KubeRay sets it
     for other in by_kind(docs, "Service"):
         selector = other["spec"].get("selector", {})
@@ -256,25 +258,6 @@ def test_every_pod_and_container_is_locked_down_and_sized(rendered):
                 assert resources.get("limits", {}).get("memory"), container["name"]
 
 
-def _bytes(quantity: str) -> int:
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
-    for suffix, factor in units.items():
-        if quantity.endswith(suffix):
-            return int(float(quantity[:-2]) * factor)
-    return int(quantity)
-
-
-def test_rays_object_store_fits_in_shared_memory(rendered):
-    _, docs = rendered
-    (service,) = by_kind(docs, "RayService")
-    cluster = service["spec"]["rayClusterConfig"]
-    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        store = int(group["rayStartParams"]["object-store-memory"])
-        shm = next(v for v in group["template"]["spec"]["volumes"] if v["name"] == "shm")
-        assert shm["emptyDir"]["medium"] == "Memory"
-        assert _bytes(shm["emptyDir"]["sizeLimit"]) >= store, group.get("groupName", "head")
-
-
 def test_the_request_size_bound_is_set_wherever_requests_arrive(rendered):
     """Serve's proxy reads its bound from the pods' environment; NGINX has its own body
     limit. Both follow the app's `max_request_bytes` (the image limit plus headroom)."""
@@ -322,7 +305,7 @@ def test_the_public_endpoint_has_tls_in_front_of_it(rendered):
     (rayservice,) = by_kind(docs, "RayService")
     service = rayservice["spec"]["serveService"]  # KubeRay's, selecting serving pods
     assert service["metadata"]["name"] == backend["name"]
-    assert backend["port"]["number"] == service["spec"]["ports"][0]["port"] == 9000
+    assert backend["port"]["number"] == 9000 and service_ports(service)[9000] == 9000
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
                   and d["metadata"]["name"] == "hero-vision-ingress")
     public = [r for r in policy["spec"]["ingress"]

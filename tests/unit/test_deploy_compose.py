@@ -256,7 +256,8 @@ def test_ports_images_and_metrics_agree_with_the_code(rendered):
     serve = yaml.safe_load((ROOT / "services" / "vision" / "serve_config.yaml").read_text())
     (rayservice,) = by_kind(docs, "RayService")
     vision_svc = rayservice["spec"]["serveService"]
-    assert vision_svc["spec"]["ports"][0]["targetPort"] == serve["grpc_options"]["port"]
+    (grpc_port,) = [p for p in vision_svc["spec"]["ports"] if p["name"] == "serve-grpc"]
+    assert grpc_port["targetPort"] == serve["grpc_options"]["port"]
 
     (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
@@ -312,3 +313,69 @@ def test_secrets_are_referenced_never_committed(rendered):
         for env in container.get("env", []):
             if any(word in env["name"] for word in ("PASSWORD", "SECRET", "TOKEN")):
                 assert "valueFrom" in env and "value" not in env, env["name"]
+
+
+def metrics_ports(service: dict[str, Any]) -> set[int]:
+    """The ports a Compose service serves Prometheus metrics on, as its environment sets
+    them: our services' `*_METRICS_PORT`, an exporter's `*_WEB_LISTEN_ADDRESS`."""
+    ports = set()
+    for name, value in service.get("environment", {}).items():
+        if name.endswith("_METRICS_PORT") and int(value):
+            ports.add(int(value))
+        elif name.endswith("_WEB_LISTEN_ADDRESS"):
+            ports.add(int(str(value).rsplit(":", 1)[1]))
+    return ports
+
+
+def test_every_running_service_with_a_metrics_port_is_scraped():
+    """In each profile's run, Prometheus has a target at every metrics port, by the
+    service's name or an alias it has on a network Prometheus joins. The vision
+    container's Ray node is registered under a non-loopback address: Ray binds the
+    metrics port to 127.0.0.1 alone for a loopback node (the dashboard agent's reporter,
+    ray/dashboard/modules/reporter/reporter_agent.py), where Prometheus cannot reach it."""
+    from ray._common.network_utils import is_localhost
+
+    from services.vision.__main__ import NodeSettings
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    prometheus = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"]
+               for t in c["targets"]}
+    seen = set(services["prometheus"]["networks"])
+
+    def names(name: str) -> set[str]:
+        nets = services[name].get("networks", {})
+        nets = nets if isinstance(nets, dict) else {n: {} for n in nets}
+        return {name} | {a for net, cfg in nets.items() if net in seen
+                         for a in (cfg or {}).get("aliases", [])}
+
+    for run, running in compose_runs(compose).items():
+        scraped = [(name, port) for name in running for port in metrics_ports(services[name])]
+        assert {n for n, _ in scraped} >= {"redis-exporter"} and len(scraped) >= 3, run
+        for name, port in scraped:
+            assert any(f"{host}:{port}" in targets for host in names(name)), (run, name, port)
+    for name, service in services.items():
+        if service.get("build", {}).get("target") == "vision":
+            node_ip = service["environment"].get("HERO_VISION_NODE_IP")
+            assert node_ip is not None, name
+            address = NodeSettings(node_ip=node_ip).ray_node_ip()
+            assert address is None or not is_localhost(address), name
+
+
+def test_only_the_default_profile_runs_without_tokens():
+    """The services refuse to start without API tokens unless told otherwise: the CPU
+    profile's two services are (for a laptop; tokens from the shell still apply), the gpu
+    services never are."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    runs = compose_runs(compose)
+    open_ = {name for name, s in services.items()
+             for key, value in s.get("environment", {}).items()
+             if key.endswith("_ALLOW_UNAUTHENTICATED") and str(value).lower() == "true"}
+    assert open_ == {"language", "vision"} <= runs["default"]
+    assert not open_ & runs["gpu"]
+    for name in ("language", "vision", "language-gpu", "vision-gpu"):
+        env = services[name]["environment"]
+        (tokens,) = [v for k, v in env.items() if k.endswith("_API_TOKENS")]
+        assert tokens.startswith("${HERO_") and tokens.endswith(":-}"), name  # from the shell

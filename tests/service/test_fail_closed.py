@@ -1,0 +1,154 @@
+"""Both services fail closed: without API tokens they refuse to start, naming the
+variables to set, unless `allow_unauthenticated` turns authentication off explicitly;
+tokens, when given, are required whether or not it is set."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import grpc
+import pytest
+from hero.language.v1 import language_pb2
+
+from services.common.auth import MissingTokensError
+from tests.conftest import ROOT
+from tests.service.conftest import free_port, language_config, language_server
+from tests.service.vision_harness import vision_config
+
+LANGUAGE_VARS = ("HERO_LANGUAGE_API_TOKENS", "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED")
+VISION_VARS = ("HERO_VISION_API_TOKENS", "HERO_VISION_ALLOW_UNAUTHENTICATED")
+
+
+@pytest.fixture(autouse=True)
+def no_tokens_in_the_environment(monkeypatch):
+    for name in LANGUAGE_VARS + VISION_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_language_service_process_refuses_to_start_without_tokens(tiny_dir):
+    """`python -m services.language` (the container's command) exits with the variables
+    to set, before binding its port or loading a model."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in LANGUAGE_VARS}
+    env.update({"HERO_LANGUAGE_PORT": str(port), "HERO_LANGUAGE_METRICS_PORT": "0",
+                "HERO_LANGUAGE_MODELS_DIR": str(tiny_dir.parent)})
+    result = subprocess.run([sys.executable, "-m", "services.language"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "MissingTokensError" in result.stderr
+    for name in LANGUAGE_VARS:
+        assert name in result.stderr, result.stderr[-2000:]
+    assert not listening(port)
+
+
+def test_the_language_server_starts_only_when_allowed_and_then_says_so(language_model,
+                                                                       caplog):
+    def never_loaded():
+        raise AssertionError("the engine was loaded although the server may not start")
+
+    with pytest.raises(MissingTokensError, match="HERO_LANGUAGE_ALLOW_UNAUTHENTICATED"):
+        asyncio.run(_start(language_config(allow_unauthenticated=False), never_loaded))
+
+    caplog.set_level("WARNING", logger="hero.auth")
+    server = language_server(language_model)  # the harness sets allow_unauthenticated
+    try:
+        assert "authentication is off" in caplog.text
+        assert "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED" in caplog.text
+        assert _model_info(server.port, token=None) == grpc.StatusCode.OK
+    finally:
+        server.stop()
+
+
+async def _start(config, load_engine):
+    from services.language.server import start_server
+
+    return await start_server(config, load_engine)
+
+
+def _model_info(port: int, token: str | None) -> grpc.StatusCode:
+    from hero.language.v1 import language_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = language_pb2_grpc.LanguageServiceStub(channel)
+        try:
+            stub.GetModelInfo(language_pb2.GetModelInfoRequest(), metadata=metadata,
+                              timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_tokens_are_required_even_where_unauthenticated_starts_are_allowed(language_model):
+    server = language_server(language_model, api_tokens="secret-token",
+                             allow_unauthenticated=True)
+    try:
+        assert _model_info(server.port, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert _model_info(server.port, "secret-token") == grpc.StatusCode.OK
+    finally:
+        server.stop()
+
+
+def test_the_vision_app_is_refused_before_ray_starts_without_tokens(monkeypatch):
+    """The deploy (`build_app`, what KubeRay and `serve deploy` run) and the single-node
+    runner refuse it, naming the variables; Ray is never started."""
+    import ray
+
+    from services.local import serve_config
+    from services.vision.app import build_app
+    from services.vision.runner import ServeApp
+
+    args = vision_config("memory://", allow_unauthenticated=False)
+    with pytest.raises(MissingTokensError) as refused:
+        build_app(args)
+    assert all(name in str(refused.value) for name in VISION_VARS)
+    with pytest.raises(MissingTokensError):
+        ServeApp(serve_config(args, free_port(), free_port())).start()
+    assert not ray.is_initialized()
+    build_app({**args, "allow_unauthenticated": True})
+    monkeypatch.setenv("HERO_VISION_API_TOKENS", "a-token")
+    build_app(args)
+
+
+def test_each_vision_replica_checks_its_own_environment(tiny_dir, monkeypatch):
+    """A replica whose environment lacks the tokens the deploy saw does not serve open."""
+    from services.vision.ingress import VisionIngress
+
+    async def authenticates(args) -> bool:
+        ingress = VisionIngress(object(), args)  # type: ignore[arg-type]
+        await ingress.cache.store.close()
+        await ingress.language.close()
+        return ingress.auth.enabled
+
+    args = vision_config("memory://", allow_unauthenticated=False)
+    with pytest.raises(MissingTokensError, match="HERO_VISION_API_TOKENS"):
+        asyncio.run(authenticates(args))
+    monkeypatch.setenv("HERO_VISION_API_TOKENS", "a-token,another")
+    assert asyncio.run(authenticates(args))
+    monkeypatch.delenv("HERO_VISION_API_TOKENS")
+    assert not asyncio.run(authenticates({**args, "allow_unauthenticated": True}))
+
+
+def test_the_local_system_turns_authentication_off_only_when_asked(tiny_dir, monkeypatch):
+    """`hero serve` asks (`allow_unauthenticated=True`) for both services; tokens in the
+    environment still apply to the public API."""
+    from services.local import LocalSystem
+
+    redis = "redis://127.0.0.1:6379/0"
+    closed = LocalSystem(models_dir=tiny_dir.parent, redis_url=redis)
+    assert "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED" not in closed.language.env
+    assert "allow_unauthenticated" not in closed.args
+    local = LocalSystem(models_dir=tiny_dir.parent, redis_url=redis, allow_unauthenticated=True)
+    assert local.language.env["HERO_LANGUAGE_ALLOW_UNAUTHENTICATED"] == "true"
+    assert local.args["allow_unauthenticated"] is True and not local.requires_token()
+    monkeypatch.setenv("HERO_VISION_API_TOKENS", "a-token")
+    assert local.requires_token()
