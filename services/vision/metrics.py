@@ -24,8 +24,8 @@ class VisionMetrics:
         self.cache = metrics.Counter(
             "hero_vision_cache_events", "Token cache events: hit, miss, coalesced, "
             "corrupt, unverified, error_get, error_set, too_large, lock_lost", tag_keys=("event",))
-        self.cache_errors = metrics.Counter(
-            "hero_vision_cache_errors", "Failed token cache store calls (each served as a "
+        self.cache_store_failures = metrics.Counter(
+            "hero_vision_cache_store_failures", "Failed token cache store calls (each served as a "
             "miss) by kind: tls, auth, connection, timeout, error", tag_keys=("reason",))
         self.cache_up = metrics.Gauge(
             "hero_vision_cache_up", "1 while the token cache store answers, 0 from a failed "
@@ -51,7 +51,7 @@ class VisionMetrics:
 
     def store_error(self, reason: str) -> None:
         """A failed store call, by kind (the `CacheMetrics` protocol)."""
-        self.cache_errors.inc(1, tags={"reason": reason})
+        self.cache_store_failures.inc(1, tags={"reason": reason})
 
     def store_up(self, up: bool) -> None:
         """Whether the store answers (the `CacheMetrics` protocol)."""
