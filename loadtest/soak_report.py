@@ -159,6 +159,13 @@ TOKEN_PATH = [
     "whatever grpc reported (a stream cut mid-upload shows as INTERNAL).",
     "* **Health:** `grpc.health.v1.Health/Check` on the public port is NOT_SERVING while "
     "the language service does not answer (checked at most once a second).",
+    "* **One request's numbers end only its own answer.** Every accepted temperature "
+    "(down to 1.4e-45), top_p and seed samples a token; visual features holding NaN or "
+    "infinity are INVALID_ARGUMENT before they reach the engine. A sequence whose logits "
+    "still go NaN or infinite (finite but huge features) ends alone with INVALID_ARGUMENT; "
+    "one whose sampling, text or decode forward fails ends alone with INTERNAL. The "
+    "batch's other sequences, and later ones on its KV slots, go on unaffected: their "
+    "logits differ from their alone run's by fp32 rounding only, as beside any request.",
 ]
 """How the token path behaves under failure (fixed text of the report)."""
 
@@ -196,6 +203,12 @@ TESTED = [
     ("one sequence cancelled, past its deadline or failing leaves the batch's others "
      "unchanged; a request larger than the KV cache is refused naming it",
      "tests/unit/test_batched_engine.py"),
+    ("a greedy sequence beside any sampling parameters, NaN, infinite or huge features, or "
+     "a row whose logits, sampler, text or forward fail mid-answer (a property), and later "
+     "sequences on that row's KV slots, produce exactly their alone tokens; the other row "
+     "completes or ends alone; tiny temperatures beside greedy calls end no call",
+     "tests/unit/test_isolation.py, test_sampling.py, "
+     "tests/service/test_language_isolation.py"),
     ("corrupt, mismatched or forged cache entries (another key, another image, no valid "
      "MAC when a secret is set, a layout out of range) and stored images that do not hash "
      "to their id are dropped and re-encoded, never served",

@@ -2,6 +2,13 @@
 
 Both transformers engines (sequential and batched) finish a sequence with exactly
 these rules, so their answers agree token for token and character for character.
+
+Sampling is defined for every parameter value the service accepts: scores are shifted
+so the largest is 0 before they are divided by the temperature, in float64, so a
+temperature too small to divide by (down to the smallest subnormal) gives the other
+tokens probability 0 and picks the top token, as greedy does, instead of overflowing
+to NaN. A row whose logits are NaN or infinite gives no token: it gets a
+`NonFiniteLogitsError` of its own, and in a batch the other rows are sampled as usual.
 """
 
 from __future__ import annotations
@@ -12,7 +19,22 @@ from typing import Any, Literal
 
 import torch
 
+from hero_core.errors import InvalidInputError
+
 FinishReason = Literal["eos", "length", "stop", "cancelled"]
+
+
+class NonFiniteLogitsError(InvalidInputError):
+    """The model's next-token scores for one request are NaN or infinite, so no token
+    can be chosen. With finite visual features (the service refuses others) this takes
+    features far outside the range the projector and the LLM compute in; retrying the
+    same request gives the same result."""
+
+    def __init__(self, tokens: int):
+        super().__init__(
+            f"the model's next-token scores for this request became NaN or infinite after "
+            f"{tokens} generated token(s), so no token can be chosen; its visual features "
+            "are probably far outside the vision encoder's range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,27 +70,62 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator) -> int:
-    """Next token from `(V,)` logits: greedy at temperature 0, else top-p sampling."""
+def unusable(logits: torch.Tensor) -> torch.Tensor:
+    """`(B,)` True for each row of `(B, V)` logits that can give no token: one with a NaN
+    or +inf, or with every score -inf (its maximum is then not finite)."""
+    return ~torch.isfinite(logits.amax(dim=-1))
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """float64 `(V,)` probabilities of finite `(V,)` logits (CPU): softmax at
+    `temperature` > 0, then top-p; never NaN, and never without the top token."""
+    scores = logits.detach().to("cpu", torch.float64)
+    # <= 0 everywhere and exactly 0 at the top, so dividing by any positive temperature
+    # can only push the others towards -inf (probability 0), never produce inf - inf
+    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > top_p
+        outside[0] = False  # the most likely token stays, whatever top_p is
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs / sorted_probs.sum())
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           generated: int = 0) -> int:
+    """Next token from `(V,)` logits: greedy at temperature 0, else top-p sampling.
+    `NonFiniteLogitsError` (naming `generated`, the tokens so far) if the logits give none."""
+    if bool(unusable(logits[None])[0]):
+        raise NonFiniteLogitsError(generated)
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > params.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs = probabilities(logits, params.temperature, params.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator]) -> list[int]:
+                generators: Sequence[torch.Generator],
+                generated: Sequence[int] | None = None) -> list[int | Exception]:
     """One token per row of `(B, V)` logits, each row with its own parameters and
-    generator; greedy rows take one batched argmax."""
+    generator (`generated`: tokens each row has so far); greedy rows take one batched
+    argmax. A row that gives no token (NaN or infinite logits, or any error while it is
+    sampled) gets its exception in its place: it fails alone, the others go on."""
     greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[i] if p.greedy else sample(logits[i], p, generators[i])
-            for i, p in enumerate(params)]
+    bad = unusable(logits).tolist()
+    generated = generated or [0] * len(params)
+    out: list[int | Exception] = []
+    for i, p in enumerate(params):
+        if bad[i]:
+            out.append(NonFiniteLogitsError(generated[i]))
+        elif p.greedy:
+            out.append(greedy[i])
+        else:
+            try:
+                out.append(sample(logits[i], p, generators[i], generated[i]))
+            except Exception as exc:  # this row's own failure, reported for this row
+                out.append(exc)
+    return out
 
 
 class TextStream:

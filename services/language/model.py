@@ -119,6 +119,7 @@ class LanguageModel:
             raise InvalidInputError("the prompt is empty; ask a question")
         grid = plan_grid(request.packed.image_size, self.info.tiling)
         check_packed(request.packed, grid, self.info.feature_dim)
+        check_finite(request.packed.features)
         n_prompt = int(self.prompt_ids(request).numel()) - 1
         if n_prompt > max_prompt_tokens:
             raise PromptTooLongError(f"prompt is {n_prompt} tokens, above max_prompt_tokens="
@@ -134,6 +135,16 @@ class LanguageModel:
         """A two-token request on the smallest valid layout."""
         packed = smallest_packed(self.info.tiling, self.info.feature_dim)
         return EngineRequest("warmup", packed, (("user", "hi"),), SamplingParams(2))
+
+
+def check_finite(features: torch.Tensor) -> None:
+    """Raise `InvalidInputError` if `(N, D)` visual features hold a NaN or an infinity
+    (they would make every score of the request's answer NaN)."""
+    bad = ~torch.isfinite(features)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad.any(dim=1))[0])
+        raise InvalidInputError(f"visual features must be finite numbers; token {first} of "
+                                f"{features.shape[0]} holds NaN or infinity")
 
 
 def smallest_packed(tiling: TilingSpec, feature_dim: int) -> PackedTokens:

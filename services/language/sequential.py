@@ -2,7 +2,9 @@
 
 Each admitted request gets a worker thread and runs its own prefill and its own
 forward per generated token, with a `DynamicCache` of its own. `slots` requests run
-at once (each in its own thread, competing for the same cores); the rest wait.
+at once (each in its own thread, competing for the same cores); the rest wait. Tokens
+are chosen by the same `sample` as the batched engine's; a request whose logits go NaN
+or infinite ends with `NonFiniteLogitsError`, the other slots unaffected.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class SequentialEngine:
         text = TextStream(m.tokenizer, params, m.eos_ids)
         first_at = 0.0
         while True:
-            token = sample(out.logits[0, -1], params, generator)
+            token = sample(out.logits[0, -1], params, generator, len(text.ids))
             first_at = first_at or time.perf_counter()
             if (delta := text.add(token)) is not None:
                 yield delta

@@ -6,6 +6,13 @@ then one batched decode forward for every sequence past its prompt, samples each
 with that request's own parameters and generator, and streams the text. Sequences
 join and leave between steps; cancelling one (or its deadline passing) takes it out
 before the next step and frees its KV slots without touching the others.
+
+Failures are per sequence. A row that gives no token (NaN or infinite logits, any
+error while it is sampled or its text is decoded) ends that sequence alone with its
+error; if the batched decode forward itself fails, each of its rows runs again alone,
+so only a row that fails by itself fails. Rows never read each other's KV slots, nor
+slots a sequence has not written, so what one sequence leaves in its slots (NaN keys
+from NaN features included) reaches neither its neighbours nor the slots' next owner.
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ from services.language.batching.runner import ModelRunner
 from services.language.batching.scheduler import PrefillChunk, Scheduler
 from services.language.batching.sequence import Sequence, Status
 from services.language.config import BatchingConfig
-from services.language.decoding import Delta, FinishReason, TextStream, sample_rows
+from services.language.decoding import (
+    Delta,
+    FinishReason,
+    NonFiniteLogitsError,
+    TextStream,
+    sample_rows,
+)
 from services.language.engine import EngineObserver, EngineStats, Finished
 from services.language.model import EngineRequest, LanguageModel
 
@@ -168,17 +181,30 @@ class BatchingEngine:
         try:
             work(arg)
         except Exception as exc:  # handed to the callers, mapped to a status there
-            log.exception("model step failed for %d sequence(s)", len(seqs))
             for seq in seqs:
-                if seq.status is not Status.FINISHED:
-                    self.scheduler.remove(seq)
-                    self._send(seq, [exc])
+                self._fail(seq, exc)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """End one sequence with `exc` (the caller raises it; the server maps it to a
+        status), unless it has already ended."""
+        if seq.status is Status.FINISHED:
+            return
+        if isinstance(exc, NonFiniteLogitsError):
+            log.warning("request %s ends: %s", seq.request.request_id, exc)
+        else:
+            log.error("request %s failed in the model step", seq.request.request_id,
+                      exc_info=exc)
+        self.scheduler.remove(seq)
+        self._send(seq, [exc])
 
     def _retire_aborted(self) -> None:
         now = time.monotonic()
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             if seq.aborted or seq.expired(now):
-                self._end(seq, "cancelled")
+                self._guarded([seq], self._cancel, seq)
+
+    def _cancel(self, seq: Sequence) -> None:
+        self._end(seq, "cancelled")
 
     def _admitted(self, seq: Sequence) -> None:
         seq.admitted_at = time.perf_counter()
@@ -197,23 +223,58 @@ class BatchingEngine:
         if logits is not None:
             seq.embeds, seq.status = None, Status.DECODE
             seq.first_token_at = time.perf_counter()
-            self._accept(seq, self._sample([seq], logits[None])[0])
+            self._take(seq, self._sample([seq], logits[None])[0])
 
     def _decode(self, batch: list[Sequence]) -> None:
         start = time.perf_counter()
-        logits = self.runner.decode([s.last_token for s in batch], [s.cached for s in batch],
-                                    [s.slots for s in batch])  # type: ignore[misc]
-        tokens = self._sample(batch, logits)
-        for seq, token in zip(batch, tokens, strict=True):
-            seq.cached += 1
-            self._accept(seq, token)
+        rows, logits = self._forward(batch)
+        if rows:
+            for seq, outcome in zip(rows, self._sample(rows, logits), strict=True):
+                seq.cached += 1
+                self._take(seq, outcome)
         if self.observer is not None:
             self.observer.observe_step(len(batch), time.perf_counter() - start)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row of `(B, V)` logits, each with its request's parameters."""
+    def _forward(self, batch: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """The decode logits `(B, V)` of the rows that have them. One batched forward;
+        if it fails, each row runs alone (each rewrites the same KV slots) and a row
+        that fails alone ends alone."""
+        try:
+            return batch, self._run_decode(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            log.exception("decode step of %d sequences failed; running them one by one",
+                          len(batch))
+        rows, logits = [], []
+        for seq in batch:
+            try:
+                logits.append(self._run_decode([seq])[0])
+                rows.append(seq)
+            except Exception as exc:  # this row's own failure
+                self._fail(seq, exc)
+        return rows, torch.stack(logits) if logits else torch.empty(0)
+
+    def _run_decode(self, rows: list[Sequence]) -> torch.Tensor:
+        return self.runner.decode([s.last_token for s in rows], [s.cached for s in rows],
+                                  [s.slots for s in rows])  # type: ignore[misc]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row of `(B, V)` logits, each with its request's parameters; a
+        row that gives none has its exception instead."""
         return sample_rows(logits, [s.request.params for s in seqs],
-                           [s.generator for s in seqs])  # type: ignore[misc]
+                           [s.generator for s in seqs],  # type: ignore[misc]
+                           [len(s.text.ids) for s in seqs])
+
+    def _take(self, seq: Sequence, outcome: int | Exception) -> None:
+        """A row's sampled token, or its failure: that sequence alone goes on or ends."""
+        if isinstance(outcome, Exception):
+            self._fail(seq, outcome)
+            return
+        try:
+            self._accept(seq, outcome)
+        except Exception as exc:  # e.g. the tokenizer on this row's token: this row only
+            self._fail(seq, exc)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """A sampled token: stream its text; end the sequence if it is done."""
@@ -226,10 +287,10 @@ class BatchingEngine:
 
     def _end(self, seq: Sequence, reason: FinishReason | None,
              events: list[Any] | None = None) -> None:
-        self.scheduler.remove(seq)
         events = list(events or [])
-        if (delta := seq.text.finish(reason)) is not None:
+        if (delta := seq.text.finish(reason)) is not None:  # may fail: before removal
             events.append(delta)
+        self.scheduler.remove(seq)
         events.append(self._finished(seq))
         self._send(seq, events)
 
