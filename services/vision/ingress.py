@@ -172,6 +172,7 @@ class VisionIngress:
 
         self.config = VisionConfig.load(values=config)
         self.auth = self.config.bearer_tokens()  # none: refuses to start, unless allowed
+        self.config.require_cache_secret()
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,
                             self.config.dtype)
         model_config = AutoConfig.from_pretrained(spec.model,
