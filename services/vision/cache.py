@@ -31,7 +31,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from hero_core.errors import CorruptPayloadError
 from services.common.errors import DeadlineError
 from services.common.store import Store, StoreError
 
@@ -184,8 +183,9 @@ class TokenCache:
                             deadline: float | None = None) -> tuple[T, bool]:
         """The decoded value under `key`, and whether it came from the store.
 
-        * A stored value that `decode` rejects (`CorruptPayloadError`) is counted,
-          dropped and rebuilt: never served.
+        * A stored value that `decode` fails on (`CorruptPayloadError`, or any other
+          exception: the value came from the store) is counted, dropped and rebuilt:
+          never served.
         * `prepare` runs only when this call is about to produce the value itself (not
           when it joins another's production), so what it checks or fetches for this
           request alone never fails the others.
@@ -215,11 +215,16 @@ class TokenCache:
             return None
         try:
             return (decode(value),)
-        except CorruptPayloadError as exc:
-            self.metrics.observe("corrupt")
-            log.warning("dropping unusable cache entry %s: %s", key, exc)
-            await self.invalidate(key)
+        except Exception as exc:  # whatever a stored value makes `decode` raise
+            await self.discard(key, f"{type(exc).__name__}: {exc}")
             return None
+
+    async def discard(self, key: str, problem: str) -> None:
+        """Count, log and delete a stored value found unusable (`problem` says why), so
+        the next request rebuilds it."""
+        self.metrics.observe("corrupt")
+        log.warning("dropping unusable cache entry %s: %.300s", key, problem)
+        await self.invalidate(key)
 
     async def _lead(self, key: str, create: Callable[[], Awaitable[bytes]],
                     decode: Callable[[bytes], T], deadline: float | None) -> T:

@@ -25,7 +25,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from hero_core.errors import InvalidInputError
-from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
+from hero_core.models import crop_embed_dim, encoder_fingerprint, load_tiling, resolve_spec
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
 from services.common.config import secret_value
 from services.common.errors import (
@@ -172,6 +172,7 @@ class VisionIngress:
 
         self.config = VisionConfig.load(values=config)
         self.auth = self.config.bearer_tokens()  # none: refuses to start, unless allowed
+        self.config.require_cache_secret()
         spec = resolve_spec(self.config.model, self.config.models_dir, self.config.device,
                             self.config.dtype)
         model_config = AutoConfig.from_pretrained(spec.model,
@@ -187,11 +188,12 @@ class VisionIngress:
         self.cache_checked = _in_running_loop(self.cache.check())
         """The startup check of the cache (a failure is logged at ERROR and the service
         serves misses); None when constructed outside an event loop."""
+        width = int(model_config.vision_config.hidden_size)
         self.source = TokenSource(
             self.config, RayEncoder(encoder) if isinstance(encoder, DeploymentHandle)
             else encoder, self.cache, tiling,
             encoder_fingerprint(spec, model_config.vision_feature_layer, tiling),
-            int(model_config.vision_config.hidden_size), self.metrics)
+            width, self.metrics, crop_embed_dim(spec, width))
         self.language = language_client(self.config)
         self._health: tuple[float, bool] = (0.0, False)
 

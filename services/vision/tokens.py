@@ -6,6 +6,13 @@ A miss is encoded once however many requests want it (`TokenCache.get_or_create`
 What belongs to one request alone (its image bytes fetched by id, its prompt checked
 against the language service) is done before it encodes, never by the requests that
 wait for it, so they never inherit its failure.
+
+A stored value either serves a correct answer or is dropped and rebuilt: it is checked
+against what this service's encoder makes when it is decoded (`check_entry`,
+`check_packed`), and any failure, in decoding or in this request's selection from it,
+counts it corrupt: it is deleted and the image encoded again (from the request's
+bytes, or the stored image of an id; an id alone that is no longer stored gets
+NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from hero.vision.v1 import vision_pb2
 
 from hero_core.cache import (
+    EntryShape,
     Origin,
     RankedEntry,
     check_entry,
@@ -30,6 +38,7 @@ from hero_core.cache import (
     image_key,
     request_fingerprint,
     select_from_entry,
+    stored_grid,
     tokens_key,
 )
 from hero_core.config import Limits
@@ -44,8 +53,8 @@ from hero_core.methods import PruningMethod, RankedMethod
 from hero_core.methods.base import Ranking
 from hero_core.packing import PackedTokens, check_packed
 from hero_core.pipeline import check_ratio
-from hero_core.serialization import packed_from_bytes
-from hero_core.tiling import TilingSpec, plan_grid, tile_image
+from hero_core.serialization import DTYPES, packed_from_bytes
+from hero_core.tiling import TileGrid, TilingSpec, tile_image
 from services.common.errors import NotFoundError, UnavailableError
 from services.common.store import StoreError
 from services.vision.cache import TokenCache
@@ -94,12 +103,16 @@ class TokenSource:
 
     def __init__(self, config: VisionConfig, encoder: EncoderClient, cache: TokenCache,
                  tiling: TilingSpec, encoder_fp: str, feature_dim: int,
-                 metrics: VisionMetrics | Any):
+                 metrics: VisionMetrics | Any, embed_dim: int):
+        """`feature_dim`, `embed_dim`: widths of the encoder's features and crop
+        embeddings, which stored values must have."""
         self.config, self.encoder, self.cache = config, encoder, cache
         self.tiling, self.encoder_fp, self.feature_dim = tiling, encoder_fp, feature_dim
         self.metrics = metrics
         self.limits = Limits(config.max_image_bytes, config.max_image_pixels,
                              config.max_prompt_chars)
+        self.shape = EntryShape(feature_dim, DTYPES[config.cache.dtype], embed_dim,
+                                config.max_image_pixels)
 
     async def tokens(self, image: vision_pb2.ImageInput, options: vision_pb2.PruneOptions,
                      question: str, *, check: Callable[[], Awaitable[None]] | None = None,
@@ -122,9 +135,12 @@ class TokenSource:
                         f"{method_fp}:{request_fp}" if request_fp else method_fp)
         timing: dict[str, float] = {}
 
+        checked: list[bool] = []  # a rebuild after a dropped value does not ask again
+
         async def prepare() -> None:
-            if check is not None:
+            if check is not None and not checked:
                 await check()
+                checked.append(True)
             if source.data is None:
                 source.data = await self._stored_image(source.digest)
 
@@ -150,41 +166,56 @@ class TokenSource:
                       deadline: float | None) -> tuple[PackedTokens, bool]:
         """A prefix-shaped method's tokens: the image's entry (cached or encoded), then this
         question's budgets. The text tower runs while the cache is read (or the image
-        encoded)."""
+        encoded). A stored entry this question cannot be served from is dropped and the
+        image encoded again (once: a second unusable entry is an UNAVAILABLE to retry)."""
         embed = asyncio.create_task(self._embed(question)) if method.uses_question else None
         try:
-            entry, hit = await self.cache.get_or_create(
-                key, encode, lambda b: self._entry(b, method, origin, ratio),
-                prepare=prepare, deadline=deadline)
-            question_embed = await embed if embed is not None else None
+            for _ in range(2):
+                (entry, grid), hit = await self.cache.get_or_create(
+                    key, encode, lambda b: self._entry(b, method, origin, ratio),
+                    prepare=prepare, deadline=deadline)
+                question_embed = await embed if embed is not None else None
+                try:
+                    return select_from_entry(entry, method, grid, ratio, question_embed), hit
+                except Exception as exc:
+                    if not hit:
+                        raise  # made just now by this service's encoder: a real failure
+                    await self.cache.discard(key, f"unusable for this question: {exc!r:.200}")
+                    failure = exc
+            raise UnavailableError("this image's cached tokens were unusable twice; "
+                                   "retry") from failure
         finally:
             if embed is not None and not embed.done():
                 embed.cancel()
-        grid = entry.grid(self.tiling)
-        return select_from_entry(entry, method, grid, ratio, question_embed), hit
 
     def _entry(self, data: bytes, method: RankedMethod, origin: Origin,
-               ratio: float) -> RankedEntry:
-        """A cached ranked entry, checked to be from `origin` and usable for every
-        request: `CorruptPayloadError` (dropped and re-encoded by the cache) otherwise."""
+               ratio: float) -> tuple[RankedEntry, TileGrid]:
+        """A cached ranked entry and its grid, checked to be from `origin`, to be what this
+        service's encoder and `method` make for its image, and to give budgets:
+        `CorruptPayloadError` (dropped and re-encoded by the cache) otherwise."""
         entry = entry_from_bytes(data, origin.method, origin)
-        grid = entry.grid(self.tiling)
-        check_entry(entry, grid, self.feature_dim)
+        grid = check_entry(entry, method, self.tiling, self.shape)
         try:
             budgets = method.budgets(Ranking(entry.order, entry.state), grid, ratio, None)
         except Exception as exc:  # state of the wrong shape for this method
             raise CorruptPayloadError(f"entry state is unusable: {type(exc).__name__}") from exc
         if len(budgets) != grid.num_crops:
             raise CorruptPayloadError("entry state gives budgets for another grid")
-        return entry
+        return entry, grid
 
     def _packed(self, data: bytes, origin: Origin) -> PackedTokens:
-        """Cached packed tokens, checked to be from `origin` and a valid layout."""
+        """Cached packed tokens, checked to be from `origin` and a valid layout of finite
+        features in the cache dtype."""
         packed = packed_from_bytes(data, origin.check)
+        grid = stored_grid(packed.image_size, self.tiling, self.shape.max_pixels)
         try:
-            check_packed(packed, plan_grid(packed.image_size, self.tiling), self.feature_dim)
+            check_packed(packed, grid, self.feature_dim)
         except LayoutError as exc:
             raise CorruptPayloadError(f"cached layout is invalid: {exc}") from exc
+        if packed.features.dtype != self.shape.dtype \
+                or not bool(torch.isfinite(packed.features).all()):
+            raise CorruptPayloadError(f"cached features are {packed.features.dtype}, not "
+                                      f"finite {self.shape.dtype}")
         return packed
 
     async def _embed(self, question: str) -> Any:

@@ -10,8 +10,16 @@ import redis
 import torch
 from hero.vision.v1 import vision_pb2
 
-from hero_core.cache import entry_from_bytes, entry_to_bytes, image_digest, image_key, tokens_key
+from hero_core.cache import (
+    ENTRY_KIND,
+    entry_from_bytes,
+    entry_to_bytes,
+    image_digest,
+    image_key,
+    tokens_key,
+)
 from hero_core.errors import InvalidInputError
+from hero_core.serialization import decode_record, encode_record
 from services.common.errors import UnavailableError
 from services.vision.cache import CountingMetrics, seal, unseal
 from services.vision.encoder import Encoder
@@ -114,6 +122,33 @@ def test_with_a_secret_only_entries_with_its_mac_are_served(encoder_object, redi
             served = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
             assert not served.cache_hit and same_tokens(served, truth)
         assert len(encoder.jobs) == 3
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_with_a_secret_an_entry_whose_origin_is_rewritten_to_another_image_is_rebuilt(
+        encoder_object, redis_server, monkeypatch):
+    """A Redis writer without the secret copies a's entry under b's key, its recorded
+    origin rewritten to b and its CRC recomputed: every check but the MAC passes."""
+    raw = redis.Redis(port=redis_server.port)
+    secret = b"test-secret-not-for-production"
+    monkeypatch.setenv("HERO_VISION_CACHE__SECRET", secret.decode())
+
+    async def scenario(ingress, encoder):
+        ingress.cache.metrics = counts = CountingMetrics()
+        a, b = png_bytes(8), png_bytes(9)
+        await ingress.source.tokens(by_bytes(a), OPTIONS, "what?")
+        truth = await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")
+        value, _ = unseal(key_of(ingress, a), raw.get(key_of(ingress, a)), secret)
+        meta, tensors = decode_record(value, ENTRY_KIND)
+        meta["origin"]["image"] = image_digest(b)
+        forged = encode_record(ENTRY_KIND, meta, tensors)
+        for sealed in (seal(key_of(ingress, b), forged),
+                       seal(key_of(ingress, b), forged, b"the-writer's-own-key")):
+            raw.set(key_of(ingress, b), sealed)
+            served = await ingress.source.tokens(by_id(b), OPTIONS, "what?")
+            assert not served.cache_hit and same_tokens(served, truth)
+        assert counts.counts["unverified"] == 2 and len(encoder.jobs) == 4
+        assert (await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")).cache_hit
     run(scenario, encoder_object, redis_server.url)
 
 

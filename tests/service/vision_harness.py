@@ -18,11 +18,13 @@ from tests.conftest import MODELS_DIR
 
 def vision_config(redis_url: str, **overrides: Any) -> dict[str, Any]:
     """Vision args on the tiny model; the language target is a closed port by default; no
-    API tokens required unless the environment or `overrides` give some."""
+    API tokens required unless the environment or `overrides` give some. The private
+    test Redis runs without a cache secret unless a test sets one."""
     config: dict[str, Any] = {"model": "tiny", "models_dir": str(MODELS_DIR),
                               "language_target": f"127.0.0.1:{free_port()}",
                               "language_retries": 0, "allow_unauthenticated": True,
-                              "cache": {"url": redis_url, "dtype": "float32"}}
+                              "cache": {"url": redis_url, "dtype": "float32",
+                                        "allow_unsigned": True}}
     for key, value in overrides.items():
         if isinstance(value, dict):
             config.setdefault(key, {}).update(value)
