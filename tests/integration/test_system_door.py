@@ -123,17 +123,17 @@ def test_text_deltas_still_arrive_in_order_through_the_relay(client, photo):
 
 
 def test_a_cancelled_first_request_does_not_fail_those_waiting_for_its_encoding(client):
-    """The first request for an image starts its encoding, which others then wait for;
-    cancelling that first request must not cancel the encoding under them (Ray cancels
-    a request's child requests with it)."""
+    """The first request for an image starts its encoding, which a second one then waits
+    for; cancelling the first must not cancel the encoding under the second (Ray cancels
+    a request's calls to other deployments with it)."""
     data = png(noise_image(900, 1200, seed=2207))  # new: a miss, 2x2 tiles to encode
     before = encoder_stats()["images_encoded"]
     first = long_call(client, data, timeout=60)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        time.sleep(0.5)  # the first request is past Validate and encoding
+        time.sleep(0.1)  # the first is ahead: it starts the encoding
         waiting = pool.submit(run, client, data, Q1, max_new_tokens=2)
-        time.sleep(0.3)
+        time.sleep(0.4)
         first.cancel()
-        accepted, tokens, _, _ = waiting.result(120)
-    assert tokens and not accepted.cache_hit  # it waited for the encoding, which finished
+        _, tokens, _, _ = waiting.result(120)
+    assert tokens
     assert encoder_stats()["images_encoded"] - before == 1
