@@ -146,8 +146,9 @@ TOKEN_PATH = [
     "encoding; what belongs to one request alone (fetching its image by id, checking its "
     "prompt with the language service) runs before it encodes, so a request that sent the "
     "bytes never inherits another's NOT_FOUND or INVALID_ARGUMENT. The encoding runs in a "
-    "task of its own: a request that is cancelled or reaches its deadline stops waiting, "
-    "the encoding completes for the others and lands in the cache.",
+    "task of its own, outside the Serve request that started it (Ray cancels a request's "
+    "calls to other deployments with it): a request that is cancelled or reaches its "
+    "deadline stops waiting, the encoding completes for the others and lands in the cache.",
     f"* **A dead replica stalls an image for at most `cache.lock_ttl_s` ({LOCK_TTL_S:g} s).** "
     "The cross-replica lock holds a random token, is renewed every third of its lifetime "
     "while the owner encodes, and is released only by its owner; a waiter gives up at its "
@@ -167,7 +168,12 @@ TOKEN_PATH = [
     "`image_id` (an id alone whose image is gone gets NOT_FOUND: send the image again).",
     "* **Deadlines:** a language call is never retried once the client's deadline cannot "
     "fit the backoff, and a call that ends past the deadline is DEADLINE_EXCEEDED, "
-    "whatever grpc reported (a stream cut mid-upload shows as INTERNAL).",
+    "whatever grpc reported (a stream cut mid-upload shows as INTERNAL; a language call "
+    "grpc.aio cancels itself when its deadline passes as its request stream closes shows "
+    "as a CancelledError), never CANCELLED.",
+    "* **Cancels:** a client's cancel reaches the ingress and its language call through "
+    "Serve's proxy wherever the proxy is when it lands (`services.vision.api.relay`), so "
+    "the language service frees the sequence within a second.",
     "* **Health:** `grpc.health.v1.Health/Check` on the public port is NOT_SERVING while "
     "the language service does not answer (checked at most once a second).",
     "* **One request's numbers end only its own answer.** Every accepted temperature "
@@ -207,8 +213,21 @@ TESTED = [
      "tests/integration/test_system_faults.py"),
     ("encoder replica killed: clear codes, Serve replaces it",
      "tests/integration/test_system_faults.py"),
-    ("client cancel and deadline stop the generation in the language service",
-     "tests/integration/test_system_overload.py"),
+    ("client cancel and deadline stop the generation in the language service; every one "
+     "of 12 client cancels frees its sequence within a second; a cancelled first request "
+     "does not fail those waiting for its encoding",
+     "tests/integration/test_system_overload.py, test_system_door.py, "
+     "tests/service/test_cancel_paths.py"),
+    ("hero-timeout-ms 0..20 (200 calls, with and without a gRPC deadline) is always "
+     "DEADLINE_EXCEEDED, never CANCELLED", "tests/integration/test_system_door.py, "
+     "tests/service/test_cancel_paths.py, test_vision_door.py"),
+    ("metadata is read after the token: any hero-timeout-ms value that is not one (huge, "
+     "overflowing, negative, NaN, non-ASCII, repeated) is INVALID_ARGUMENT saying what to "
+     "send; every request field is bounded, naming the field and the limit; anything "
+     "unexpected is INTERNAL with only the request id",
+     "tests/service/test_vision_door.py, tests/integration/test_system_door.py"),
+    ("a request within every limit never meets a transport limit (the language service's "
+     "receive limit, the proxy's request bound)", "tests/service/test_wire_limits.py"),
     ("past the language queue: RESOURCE_EXHAUSTED at once",
      "tests/integration/test_system_overload.py, tests/service/test_language.py"),
     ("one sequence cancelled, past its deadline or failing leaves the batch's others "

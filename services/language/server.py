@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import signal
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +34,12 @@ from services.common.codec import (
 )
 from services.common.errors import DeadlineError, UnavailableError, status_for
 from services.common.metrics import serve_metrics
-from services.common.params import check_generation_params, turns_of
+from services.common.params import (
+    check_generation_params,
+    loggable_request_id,
+    request_id_of,
+    turns_of,
+)
 from services.common.tls import server_credentials
 from services.language.admission import Admission
 from services.language.config import LanguageConfig, LimitsConfig
@@ -125,9 +129,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
     async def Validate(self, header: language_pb2.GenerateHeader,
                        context: grpc.aio.ServicerContext) -> language_pb2.ValidateResponse:
         """Generate's checks of the prompt and parameters, on the smallest image layout."""
-        request_id = header.request_id[:128] or uuid.uuid4().hex
+        request_id = loggable_request_id(header.request_id)
         try:
             self._authorize(context)
+            request_id_of(header.request_id)
             engine = self._engine()
             packed = smallest_packed(engine.info.tiling, engine.info.feature_dim)
             engine.check(EngineRequest(request_id, packed, messages_of(header, self.limits),
@@ -139,7 +144,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         return language_pb2.ValidateResponse()
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        self.auth.check(dict(context.invocation_metadata() or ()))
+        self.auth.check(tuple(context.invocation_metadata() or ()))
 
     def _occupancy(self) -> EngineStats:
         return EngineStats(0, 0, 0) if self.engine is None else self.engine.stats()
@@ -165,7 +170,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         try:
             self._authorize(context)
             header = await _next(request_iterator, "header")
-            request_id = header.request_id[:128] or uuid.uuid4().hex
+            request_id = loggable_request_id(header.request_id)
             ticket = self.admission.reserve()  # refuse at once when full
             try:
                 request = await self._read_request(header, request_id, request_iterator)
@@ -195,6 +200,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                             stream: AsyncIterator[language_pb2.GenerateRequest]
                             ) -> EngineRequest:
         engine = self._engine()
+        request_id_of(header.request_id)
         params = check_params(header.params, self.limits)
         turns = messages_of(header, self.limits)
         tokens = await _next(stream, "tokens")
@@ -263,7 +269,8 @@ async def start_server(config: LanguageConfig,
     metrics = LanguageMetrics()
     servicer = LanguageServicer(config, metrics)
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 4 << 20), ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
         ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))])
     language_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)

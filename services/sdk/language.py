@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeAlias
@@ -33,6 +34,22 @@ def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader,
                                                                           features=tensor))
     for chunk in chunks:
         yield language_pb2.GenerateRequest(chunk=chunk)
+
+
+def broken_stream(deadline: float | None) -> grpc.aio.AioRpcError:
+    """The status of a Generate call that grpc.aio cancelled itself.
+
+    grpc.aio cancels a call when sending its request stream fails (its deadline passed, or
+    the connection broke, while the last chunk or the half-close was being sent); the
+    read then raises `CancelledError` although nobody cancelled the caller. This is the
+    status that stands for: DEADLINE_EXCEEDED past `deadline`, else UNAVAILABLE.
+    """
+    if deadline is not None and time.monotonic() >= deadline:
+        code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+    else:
+        code, details = (grpc.StatusCode.UNAVAILABLE,
+                         "the request stream broke before it was sent; retry")
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
@@ -90,10 +107,20 @@ class LanguageClient(AsyncChannelClient):
         """
         header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
                              seed, stop, ignore_eos)
+        deadline = None if timeout is None else time.monotonic() + timeout
         call = self.stub.Generate(generate_requests(packed, header, dtype, chunk_bytes),
                                   timeout=timeout, metadata=self.metadata)
         try:
-            async for response in call:
+            while True:
+                try:
+                    response = await call.read()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this task is being cancelled: the call goes with it
+                    raise broken_stream(deadline) from None
+                if response is grpc.aio.EOF:
+                    return
                 yield getattr(response, response.WhichOneof("part"))
         finally:
             call.cancel()

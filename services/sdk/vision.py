@@ -25,7 +25,7 @@ from hero.vision.v1 import vision_pb2, vision_pb2_grpc
 from hero_core.packing import PackedTokens
 from services.common.auth import bearer_metadata
 from services.common.codec import DTYPE_NAMES, ChunkAssembler, packed_from_layout
-from services.common.params import TIMEOUT_HEADER
+from services.common.params import MAX_TIMEOUT_MS, TIMEOUT_HEADER
 from services.sdk.channel import AsyncChannelClient
 from services.sdk.errors import api_error
 
@@ -121,10 +121,13 @@ def assemble_pruned(responses: list[vision_pb2.PruneResponse]
 
 def call_metadata(metadata: list[tuple[str, str]] | None, timeout: float | None
                   ) -> list[tuple[str, str]] | None:
-    """`metadata` plus the deadline header when the call has a timeout."""
+    """`metadata` plus the deadline header when the call has a timeout (whole
+    milliseconds, at least 1, at most the `MAX_TIMEOUT_MS` the service accepts)."""
     if timeout is None:
         return metadata
-    return [*(metadata or []), (TIMEOUT_HEADER, str(max(1, int(timeout * 1000))))]
+    ms = timeout * 1000
+    value = max(1, int(ms)) if ms < MAX_TIMEOUT_MS else MAX_TIMEOUT_MS
+    return [*(metadata or []), (TIMEOUT_HEADER, str(value))]
 
 
 class VisionClient:

@@ -10,9 +10,9 @@ token cache's state in the answer's trailing metadata (`cache_metadata`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -24,11 +24,11 @@ from hero.vision.v1 import vision_pb2
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from hero_core.errors import InvalidInputError
 from hero_core.models import crop_embed_dim, encoder_fingerprint, load_tiling, resolve_spec
-from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
+from services.common.codec import encode_tensor, layout_message
 from services.common.config import secret_value
 from services.common.errors import (
+    DeadlineError,
     NotFoundError,
     OverloadedError,
     UnavailableError,
@@ -36,13 +36,22 @@ from services.common.errors import (
     public_details,
     status_for,
 )
-from services.common.params import TIMEOUT_HEADER, check_generation_params, turns_of
+from services.common.params import loggable_request_id
 from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
 from services.vision.api import VISION_SERVICE, MalformedRequest
 from services.vision.cache import CacheHealth, TokenCache
 from services.vision.config import VisionConfig
+from services.vision.door import (
+    check_deadline,
+    check_generate,
+    check_prune,
+    deadline_of,
+    ended_by_deadline,
+    metadata_pairs,
+    parsed,
+)
 from services.vision.encoder import EncodeJob, EncodeResult
 from services.vision.metrics import VisionMetrics
 from services.vision.tokens import EncoderClient, Tokens, TokenSource
@@ -51,20 +60,6 @@ log = logging.getLogger("hero.vision")
 T = TypeVar("T")
 HEALTH_CACHE_S = 1.0
 """How long a health answer is reused, so probes do not each call the language service."""
-
-
-def call_metadata_of(grpc_context: Any) -> dict[str, Any]:
-    """The call's metadata as a dict (empty outside a gRPC call, e.g. in tests)."""
-    return dict(grpc_context.invocation_metadata()) if grpc_context else {}
-
-
-def client_deadline(grpc_context: Any) -> float | None:
-    """The client's deadline on the `time.monotonic()` clock, from the `hero-timeout-ms`
-    metadata the SDK sends (Serve's proxy does not pass gRPC deadlines on)."""
-    raw = str(call_metadata_of(grpc_context).get(TIMEOUT_HEADER, ""))
-    if not raw.isdigit():
-        return None
-    return time.monotonic() + int(raw) / 1000
 
 
 def cache_metadata(health: CacheHealth) -> list[tuple[str, str]]:
@@ -80,13 +75,6 @@ def cache_metadata(health: CacheHealth) -> list[tuple[str, str]]:
 
 class ServiceNotFoundError(NotFoundError):
     """A health check for a service this server does not have."""
-
-
-def parsed(request: Any) -> Any:
-    """`request`, or `InvalidInputError` when its bytes did not parse."""
-    if isinstance(request, MalformedRequest):
-        raise InvalidInputError(request.problem())
-    return request
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -132,7 +120,14 @@ class RayEncoder:
         self.handle = handle
 
     async def encode(self, job: EncodeJob) -> EncodeResult:
-        result = await self._call(self.handle.encode.remote(job))
+        """One image's encoding, called outside the Serve request that started it: every
+        request waiting for this image shares it, and Ray cancels a request's calls to
+        other deployments when that request is cancelled, which would fail the others."""
+        async def call() -> Any:  # runs, and makes the call, in an empty context
+            return await self._call(self.handle.encode.remote(job))
+
+        result = await asyncio.get_running_loop().create_task(call(),
+                                                              context=contextvars.Context())
         if isinstance(result, Exception):  # this image's own failure, from its batch
             raise result
         return result  # type: ignore[no-any-return]
@@ -197,24 +192,24 @@ class VisionIngress:
         self.language = language_client(self.config)
         self._health: tuple[float, bool] = (0.0, False)
 
-    def _authorize(self, grpc_context: Any) -> None:
-        """Require `authorization: Bearer <token>` when tokens are configured."""
-        self.auth.check(call_metadata_of(grpc_context))
+    def _admit(self, grpc_context: Any) -> float | None:
+        """Require `authorization: Bearer <token>` when tokens are configured, then read
+        the metadata the service uses: the client's deadline (`time.monotonic()`)."""
+        metadata = metadata_pairs(grpc_context)
+        self.auth.check(metadata)
+        return deadline_of(metadata)
 
     # ---- RPCs -------------------------------------------------------------------------
 
     async def Generate(self, request: vision_pb2.GenerateRequest | MalformedRequest,
                        grpc_context: Any = None) -> AsyncIterator[vision_pb2.GenerateEvent]:
-        arrival, deadline = time.perf_counter(), client_deadline(grpc_context)
-        request_id = getattr(request, "request_id", "")[:128] or uuid.uuid4().hex
+        arrival, deadline = time.perf_counter(), None
+        request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
-            self._authorize(grpc_context)
+            deadline = self._admit(grpc_context)
             request = parsed(request)
-            which = request.WhichOneof("input")
-            turns = turns_of(request.prompt if which == "prompt" else None,
-                             list(request.chat.messages) if which == "chat" else None,
-                             self.config.max_prompt_chars)
-            check_generation_params(request.params, 1 << 20)
+            turns = check_generate(request, self.config)
+            check_deadline(deadline)
             question = next((t for r, t in reversed(turns) if r == "user"), "")
 
             async def check() -> None:  # before this request encodes a miss
@@ -227,22 +222,24 @@ class VisionIngress:
                                             deadline):
                 yield event
             self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
+        except asyncio.CancelledError as exc:
+            if not ended_by_deadline(deadline):
+                raise  # the call was cancelled: nobody waits for a status
+            raise self._fail(DeadlineError("the deadline passed before the answer was "
+                                           "complete"), request_id, "Generate",
+                             grpc_context) from exc
         except Exception as exc:
             raise self._fail(exc, request_id, "Generate", grpc_context) from exc
 
     async def Prune(self, request: vision_pb2.PruneRequest | MalformedRequest,
                     grpc_context: Any = None) -> AsyncIterator[vision_pb2.PruneResponse]:
-        deadline = client_deadline(grpc_context)
-        request_id = getattr(request, "request_id", "")[:128] or uuid.uuid4().hex
+        deadline = None
+        request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
-            self._authorize(grpc_context)
+            deadline = self._admit(grpc_context)
             request = parsed(request)
-            if len(request.question) > self.config.max_prompt_chars:
-                turns_of(request.question, None, self.config.max_prompt_chars)
-            dtype = request.dtype or common_pb2.DTYPE_FLOAT16
-            if dtype not in DTYPE_NAMES.values():
-                raise InvalidInputError(f"dtype {dtype} is not one of float32, float16, "
-                                        "bfloat16, int8")
+            dtype = check_prune(request, self.config)
+            check_deadline(deadline)
             tokens = await self.source.tokens(request.image, request.prune, request.question,
                                               deadline=deadline)
             yield vision_pb2.PruneResponse(accepted=self._accepted(tokens))
@@ -252,6 +249,11 @@ class VisionIngress:
             for chunk in chunks:
                 yield vision_pb2.PruneResponse(chunk=chunk)
             self.metrics.requests.inc(1, tags={"rpc": "Prune", "code": "OK"})
+        except asyncio.CancelledError as exc:
+            if not ended_by_deadline(deadline):
+                raise
+            raise self._fail(DeadlineError("the deadline passed before the tokens were "
+                                           "sent"), request_id, "Prune", grpc_context) from exc
         except Exception as exc:
             raise self._fail(exc, request_id, "Prune", grpc_context) from exc
 
@@ -266,12 +268,12 @@ class VisionIngress:
             if request.service not in ("", VISION_SERVICE):
                 raise ServiceNotFoundError(f"unknown service {request.service[:100]!r}; ask "
                                            f"for '' or {VISION_SERVICE}")
+            serving, cache = await asyncio.gather(self.language_reachable(),
+                                                  self.cache.check(max_age_s=HEALTH_CACHE_S))
+            if grpc_context is not None:
+                grpc_context.set_trailing_metadata(cache_metadata(cache))
         except Exception as exc:
             raise self._fail(exc, "health", "Check", grpc_context) from exc
-        serving, cache = await asyncio.gather(self.language_reachable(),
-                                              self.cache.check(max_age_s=HEALTH_CACHE_S))
-        if grpc_context is not None:
-            grpc_context.set_trailing_metadata(cache_metadata(cache))
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING
                                               if serving else
                                               health_pb2.HealthCheckResponse.NOT_SERVING)
