@@ -224,9 +224,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vision_args["dtype"] = args.dtype
     system = LocalSystem(args.model, args.models_dir, args.redis_url, args.grpc_port,
                          args.language_port, args.num_cpus, vision_args)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal cuts the drain short
+        signal.signal(sig, lambda *_: (hurry if stop.is_set() else stop).set())
     print("starting Redis, the language service and the vision service ...", flush=True)
     system.start()
     try:
@@ -235,8 +235,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"language service on {system.language.target}). Ctrl-C stops.", flush=True)
         stop.wait()
     finally:
-        print("stopping ...", flush=True)
-        system.stop()
+        print("stopping: running answers finish first (Ctrl-C again ends them) ...",
+              flush=True)
+        stop.set()
+        system.stop(hurry)
     return 0
 
 

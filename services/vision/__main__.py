@@ -7,7 +7,10 @@ override them in every process that loads them (nested keys with `__`, e.g.
 `HERO_VISION_CACHE__URL`; see `services.vision.config`). `HERO_VISION_GRPC_PORT` sets
 the gRPC port and `HERO_VISION_METRICS_PORT` the port where Ray exports the Prometheus
 metrics (`NodeSettings`). On a Ray cluster use KubeRay's RayService or `serve deploy`
-with the same file instead. SIGTERM shuts Serve and Ray down.
+with the same file instead. SIGTERM (or SIGINT) drains the app first: new calls get
+UNAVAILABLE and health NOT_SERVING while running answers finish, within the VisionIngress
+deployment's `graceful_shutdown_timeout_s` (a second signal ends the drain at once);
+then Serve and Ray shut down.
 """
 
 from __future__ import annotations
@@ -57,10 +60,16 @@ def main() -> None:
     app = ServeApp(resolve_config(args.serve_config, node),
                    metrics_export_port=node.metrics_port).start()
     print(f"vision service ready on port {app.config['grpc_options']['port']}", flush=True)
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:  # the first signal drains; a second one hurries it
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
+    logging.getLogger("hero.vision").info("draining before shutting down")
+    app.drain(hurry=hurry)
     app.stop()
 
 

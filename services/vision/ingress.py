@@ -9,6 +9,7 @@ language service and the answer back (`Generate`). It also answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from hero_core.models import encoder_fingerprint, load_tiling, resolve_spec
 from services.common.auth import BearerTokens
 from services.common.codec import DTYPE_NAMES, encode_tensor, layout_message
 from services.common.config import secret_value
+from services.common.drain import Drain
 from services.common.errors import (
     NotFoundError,
     OverloadedError,
@@ -43,6 +45,7 @@ from services.sdk.language import LanguageClient
 from services.vision.api import VISION_SERVICE, MalformedRequest
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
+from services.vision.drain import REFUSAL, follow
 from services.vision.encoder import EncodeJob, EncodeResult
 from services.vision.metrics import VisionMetrics
 from services.vision.tokens import EncoderClient, Tokens, TokenSource
@@ -179,6 +182,8 @@ class VisionIngress:
         self.language = language_client(self.config)
         self.auth = BearerTokens.from_secret(self.config.api_tokens)
         self._health: tuple[float, bool] = (0.0, False)
+        self.drain = Drain(refusal=REFUSAL)
+        self._drain_follower = follow(self.drain)  # the runner's drain, where it has one
 
     def _authorize(self, grpc_context: Any) -> None:
         """Require `authorization: Bearer <token>` when tokens are configured."""
@@ -191,24 +196,25 @@ class VisionIngress:
         arrival, deadline = time.perf_counter(), client_deadline(grpc_context)
         request_id = getattr(request, "request_id", "")[:128] or uuid.uuid4().hex
         try:
-            self._authorize(grpc_context)
-            request = parsed(request)
-            which = request.WhichOneof("input")
-            turns = turns_of(request.prompt if which == "prompt" else None,
-                             list(request.chat.messages) if which == "chat" else None,
-                             self.config.max_prompt_chars)
-            check_generation_params(request.params, 1 << 20)
-            question = next((t for r, t in reversed(turns) if r == "user"), "")
+            with self.drain.admit():  # refused (UNAVAILABLE) once the service drains
+                self._authorize(grpc_context)
+                request = parsed(request)
+                which = request.WhichOneof("input")
+                turns = turns_of(request.prompt if which == "prompt" else None,
+                                 list(request.chat.messages) if which == "chat" else None,
+                                 self.config.max_prompt_chars)
+                check_generation_params(request.params, 1 << 20)
+                question = next((t for r, t in reversed(turns) if r == "user"), "")
 
-            async def check() -> None:  # before this request encodes a miss
-                await self._validate(request, turns, request_id, deadline)
+                async def check() -> None:  # before this request encodes a miss
+                    await self._validate(request, turns, request_id, deadline)
 
-            tokens = await self.source.tokens(request.image, request.prune, question,
-                                              check=check, deadline=deadline)
-            yield vision_pb2.GenerateEvent(accepted=self._accepted(tokens))
-            async for event in self._answer(request, request_id, turns, tokens, arrival,
-                                            deadline):
-                yield event
+                tokens = await self.source.tokens(request.image, request.prune, question,
+                                                  check=check, deadline=deadline)
+                yield vision_pb2.GenerateEvent(accepted=self._accepted(tokens))
+                async for event in self._answer(request, request_id, turns, tokens, arrival,
+                                                deadline):
+                    yield event
             self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
         except Exception as exc:
             raise self._fail(exc, request_id, "Generate", grpc_context) from exc
@@ -218,30 +224,32 @@ class VisionIngress:
         deadline = client_deadline(grpc_context)
         request_id = getattr(request, "request_id", "")[:128] or uuid.uuid4().hex
         try:
-            self._authorize(grpc_context)
-            request = parsed(request)
-            if len(request.question) > self.config.max_prompt_chars:
-                turns_of(request.question, None, self.config.max_prompt_chars)
-            dtype = request.dtype or common_pb2.DTYPE_FLOAT16
-            if dtype not in DTYPE_NAMES.values():
-                raise InvalidInputError(f"dtype {dtype} is not one of float32, float16, "
-                                        "bfloat16, int8")
-            tokens = await self.source.tokens(request.image, request.prune, request.question,
-                                              deadline=deadline)
-            yield vision_pb2.PruneResponse(accepted=self._accepted(tokens))
-            header, chunks = encode_tensor(tokens.packed.features, dtype)
-            yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
-                layout=layout_message(tokens.packed), features=header))
-            for chunk in chunks:
-                yield vision_pb2.PruneResponse(chunk=chunk)
+            with self.drain.admit():
+                self._authorize(grpc_context)
+                request = parsed(request)
+                if len(request.question) > self.config.max_prompt_chars:
+                    turns_of(request.question, None, self.config.max_prompt_chars)
+                dtype = request.dtype or common_pb2.DTYPE_FLOAT16
+                if dtype not in DTYPE_NAMES.values():
+                    raise InvalidInputError(f"dtype {dtype} is not one of float32, float16, "
+                                            "bfloat16, int8")
+                tokens = await self.source.tokens(request.image, request.prune,
+                                                  request.question, deadline=deadline)
+                yield vision_pb2.PruneResponse(accepted=self._accepted(tokens))
+                header, chunks = encode_tensor(tokens.packed.features, dtype)
+                yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
+                    layout=layout_message(tokens.packed), features=header))
+                for chunk in chunks:
+                    yield vision_pb2.PruneResponse(chunk=chunk)
             self.metrics.requests.inc(1, tags={"rpc": "Prune", "code": "OK"})
         except Exception as exc:
             raise self._fail(exc, request_id, "Prune", grpc_context) from exc
 
     async def Check(self, request: health_pb2.HealthCheckRequest | MalformedRequest,
                     grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1: SERVING while the language service answers, else NOT_SERVING.
-        The service name is "" (the whole server) or hero.vision.v1.VisionService."""
+        """grpc.health.v1: SERVING while the language service answers and the service is
+        not draining, else NOT_SERVING. The service name is "" (the whole server) or
+        hero.vision.v1.VisionService."""
         try:
             request = parsed(request)
             if request.service not in ("", VISION_SERVICE):
@@ -249,7 +257,7 @@ class VisionIngress:
                                            f"for '' or {VISION_SERVICE}")
         except Exception as exc:
             raise self._fail(exc, "health", "Check", grpc_context) from exc
-        serving = await self.language_reachable()
+        serving = not self.drain.draining and await self.language_reachable()
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING
                                               if serving else
                                               health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -311,7 +319,8 @@ class VisionIngress:
                       deadline: float | None) -> AsyncIterator[vision_pb2.GenerateEvent]:
         """Stream the answer. A call that fails UNAVAILABLE before its first text is retried
         with backoff (nothing was sent yet, so a retry is safe), but never past the
-        client's deadline: the language call ends at that deadline."""
+        client's deadline: the language call ends at that deadline. A call still streaming
+        when the drain's grace ends gets UNAVAILABLE."""
         params, first_ms = request.params, 0.0
         for attempt in range(self.config.language_retries + 1):
             timeout = min(self.config.language_timeout_s,
@@ -322,13 +331,14 @@ class VisionIngress:
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
                 dtype=self.config.cache.dtype, timeout=timeout)
             try:
-                async for part in parts:
-                    if isinstance(part, common_pb2.Usage):
-                        yield self._usage(part, tokens, first_ms)
-                    else:
-                        if not first_ms:
-                            first_ms = (time.perf_counter() - arrival) * 1e3
-                        yield vision_pb2.GenerateEvent(delta=part)
+                async with contextlib.aclosing(self.drain.until_expired(parts)) as guarded:
+                    async for part in guarded:
+                        if isinstance(part, common_pb2.Usage):
+                            yield self._usage(part, tokens, first_ms)
+                        else:
+                            if not first_ms:
+                                first_ms = (time.perf_counter() - arrival) * 1e3
+                            yield vision_pb2.GenerateEvent(delta=part)
                 return
             except grpc.aio.AioRpcError as exc:
                 code, message = language_status(exc, deadline)

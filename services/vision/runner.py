@@ -8,6 +8,7 @@ config (`serveConfigV2`) itself.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ class ServeApp:
         self.config = config
         self.num_cpus = num_cpus
         self.metrics_export_port = metrics_export_port
+        self.drain_signal: Any = None
+        """The `services.vision.drain.DrainSignal` actor the ingress replicas follow."""
 
     @property
     def grpc_target(self) -> str:
@@ -39,6 +42,7 @@ class ServeApp:
 
         from services.vision.app import build_app
         from services.vision.config import VisionConfig
+        from services.vision.drain import create_signal
 
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
@@ -51,6 +55,7 @@ class ServeApp:
                  runtime_env={"working_dir": None,
                               "env_vars": {"PYTHONPATH": str(ROOT), **proxy_env}},
                  ignore_reinit_error=True)
+        self.drain_signal = create_signal()  # before the replicas, which look it up
         serve.start(proxy_location=schema.proxy_location,
                     http_options=schema.http_options.model_dump(),
                     grpc_options=schema.grpc_options.model_dump())
@@ -74,6 +79,19 @@ class ServeApp:
             raise RuntimeError(f"vision app failed to deploy: {status.message}")
         return status is not None and status.status == "RUNNING"
 
+    def drain(self, grace_s: float | None = None, hurry: threading.Event | None = None
+              ) -> bool:
+        """Drain the app before `stop()`: refuse new calls (UNAVAILABLE) and report
+        NOT_SERVING, let running calls finish within `grace_s` (default: the VisionIngress
+        deployment's `graceful_shutdown_timeout_s`) or until `hurry` is set, then end the
+        rest with UNAVAILABLE. Whether every call ended within the grace."""
+        from services.vision.drain import drain_app, ingress_grace_s
+
+        if self.drain_signal is None:
+            return True
+        grace = ingress_grace_s(self.config) if grace_s is None else grace_s
+        return drain_app(self.drain_signal, grace, hurry)
+
     def stop(self) -> None:
         import ray
         from ray import serve
@@ -81,3 +99,4 @@ class ServeApp:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        self.drain_signal = None
