@@ -218,7 +218,8 @@ TESTED = [
     ("SIGTERM drains: answers running finish, new calls get UNAVAILABLE and health "
      "NOT_SERVING, answers past the grace end UNAVAILABLE; pods' termination grace covers "
      "preStop and drain",
-     "tests/service/test_language_shutdown.py, tests/integration/test_system_shutdown.py, "
+     "tests/service/test_language_shutdown.py, test_vision_shutdown.py, "
+     "tests/integration/test_system_sigterm.py, test_system_shutdown.py, "
      "tests/unit/test_deploy_shutdown.py"),
     ("corrupt, mismatched or forged cache entries (another key, another image, no valid "
      "MAC when a secret is set, a layout out of range) and stored images that do not hash "

@@ -7,7 +7,11 @@ it owns (`hero-vision-drain`), which every ingress replica follows. Once the run
 begins the drain, the replicas refuse new calls with UNAVAILABLE, answer health checks
 NOT_SERVING and report the calls they still run; the runner waits until none runs, at
 most its grace (the VisionIngress deployment's `graceful_shutdown_timeout_s`), then
-ends the rest with UNAVAILABLE, and only then shuts Serve down.
+ends the rest with UNAVAILABLE. A replica's answer is done before Serve's proxy has
+delivered all of it (the proxy streams what the replica produced, at the client's pace),
+so the runner also drains the proxies as Serve's controller drains a node's proxy: their
+own health check fails and they report when no call is left in them. Only then does it
+shut Serve down.
 
 On a Ray cluster (KubeRay) there is no runner and no signal: a pod that stops drains
 its Ray node (`RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`), Serve drains the node's proxy
@@ -22,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -38,6 +43,11 @@ STALE_S = 10.0
 CLOSE_S = 10.0
 """After the grace: how long the calls ended with UNAVAILABLE get to report their end."""
 REFUSAL = "the vision service is shutting down (draining); retry"
+PROXY_PREFIX = "SERVE_PROXY_ACTOR"
+"""Serve's proxy actors' names (in Serve's namespace) start with this."""
+RUNNER_ENV = {"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1"}
+"""Environment of the runner's Ray: a drained proxy reports so after 1 s (Serve's default,
+30 s, gives load balancers in front of a cluster node time to take it out)."""
 
 
 class DrainSignal:
@@ -125,21 +135,44 @@ def create_signal() -> Any:
     return actor.options(name=SIGNAL_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
 
 
+def serve_proxies() -> list[Any]:
+    """Handles of Serve's proxy actors (one per node with replicas, and the head's)."""
+    return [ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith(PROXY_PREFIX)]
+
+
 def drain_app(signal: Any, grace_s: float, hurry: threading.Event | None = None) -> bool:
-    """Begin the drain and wait until the replicas run no call, at most `grace_s` (or until
-    `hurry` is set); then end the calls still running with UNAVAILABLE. Whether every
-    call ended within the grace."""
+    """Begin the drain and wait until no call runs in a replica or a proxy, at most
+    `grace_s` (or until `hurry` is set); then end the calls still running with
+    UNAVAILABLE and wait for them to be delivered. Whether every call ended within the
+    grace."""
     ray.get(signal.begin.remote())
-    deadline = time.monotonic() + grace_s
-    while not ray.get(signal.idle.remote()):
+    proxies = serve_proxies()
+    ray.get([proxy.update_draining.remote(True) for proxy in proxies])
+
+    def drained() -> bool:
+        return bool(ray.get(signal.idle.remote())) and all(
+            ray.get([proxy.is_drained.remote() for proxy in proxies]))
+
+    if _wait(drained, grace_s, hurry):
+        return True
+    log.warning("calls still running after the drain: ending them (UNAVAILABLE)")
+    ray.get(signal.expire.remote(
+        "the vision service was told to stop at once; retry"
+        if hurry is not None and hurry.is_set() else
+        f"the vision service is shutting down: this call ran past its {grace_s:g} s "
+        "drain; retry"))
+    _wait(drained, CLOSE_S)
+    return False
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float,
+          hurry: threading.Event | None = None) -> bool:
+    """Poll `condition()` until it holds (True), `timeout_s` passes or `hurry` is set."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
         if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
-            log.warning("calls still running after the drain: ending them (UNAVAILABLE)")
-            ray.get(signal.expire.remote(
-                "the vision service is shutting down: this call ran past its "
-                f"{grace_s:g} s drain; retry"))
-            until = time.monotonic() + CLOSE_S
-            while not ray.get(signal.idle.remote()) and time.monotonic() < until:
-                time.sleep(REPORT_S)
             return False
         time.sleep(REPORT_S)
     return True

@@ -42,12 +42,13 @@ class ServeApp:
 
         from services.vision.app import build_app
         from services.vision.config import VisionConfig
-        from services.vision.drain import create_signal
+        from services.vision.drain import RUNNER_ENV, create_signal
 
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
-        # Serve's proxy reads its message bound from the environment when it starts.
-        proxy_env = VisionConfig.load(values=app.args).proxy_env()
+        # Serve's proxy reads its message bound (and its drain period) from the environment
+        # when it starts.
+        proxy_env = {**VisionConfig.load(values=app.args).proxy_env(), **RUNNER_ENV}
         os.environ.update(proxy_env)
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
                  _node_ip_address="127.0.0.1", log_to_driver=False,
