@@ -8,6 +8,7 @@ config (`serveConfigV2`) itself.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from pathlib import Path
@@ -91,7 +92,12 @@ class ServeApp:
         if self.drain_signal is None:
             return True
         grace = ingress_grace_s(self.config) if grace_s is None else grace_s
-        return drain_app(self.drain_signal, grace, hurry)
+        try:
+            return drain_app(self.drain_signal, grace, hurry)
+        except Exception:  # Ray or Serve already gone: nothing left to drain
+            logging.getLogger("hero.vision").warning("drain failed; stopping without it",
+                                                     exc_info=True)
+            return False
 
     def stop(self) -> None:
         import ray
