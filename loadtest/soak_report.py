@@ -141,6 +141,24 @@ def memory(run: dict[str, Any]) -> list[str]:
             "eviction bounds it.", ""]
 
 
+def shutdown_line() -> str:
+    """What SIGTERM does, with the drains the code and the Serve config set."""
+    from services.language.config import LanguageConfig
+    from services.vision.drain import ingress_grace_s
+    from services.vision.runner import SERVE_CONFIG
+
+    language = LanguageConfig.model_fields["shutdown_grace_s"].default
+    vision = ingress_grace_s(yaml.safe_load(SERVE_CONFIG.read_text()))
+    return ("* **Shutdown drains instead of cutting answers.** On SIGTERM the language "
+            "service reports NOT_SERVING and refuses new calls with UNAVAILABLE while its "
+            f"running answers finish (`shutdown_grace_s`, {language:g} s: the vision "
+            "service's longest language call); the vision service's single-node runner "
+            "does the same for the app (the VisionIngress deployment's "
+            f"`graceful_shutdown_timeout_s`, {vision:g} s) before it stops Serve, and on "
+            "Kubernetes a stopping Ray pod drains its node at least as long. What outlives "
+            "the grace ends with UNAVAILABLE (retryable), never CANCELLED or a cut stream.")
+
+
 TOKEN_PATH = [
     "* **One encoding per image, with no shared failure.** Concurrent misses share one "
     "encoding; what belongs to one request alone (fetching its image by id, checking its "
@@ -183,6 +201,7 @@ TOKEN_PATH = [
     "one whose sampling, text or decode forward fails ends alone with INTERNAL. The "
     "batch's other sequences, and later ones on its KV slots, go on unaffected: their "
     "logits differ from their alone run's by fp32 rounding only, as beside any request.",
+    shutdown_line(),
 ]
 """How the token path behaves under failure (fixed text of the report)."""
 
@@ -239,6 +258,12 @@ TESTED = [
      "completes or ends alone; tiny temperatures beside greedy calls end no call",
      "tests/unit/test_isolation.py, test_sampling.py, "
      "tests/service/test_language_isolation.py"),
+    ("SIGTERM drains: answers running finish, new calls get UNAVAILABLE and health "
+     "NOT_SERVING, answers past the grace end UNAVAILABLE; pods' termination grace covers "
+     "preStop and drain",
+     "tests/service/test_language_shutdown.py, test_vision_shutdown.py, "
+     "tests/integration/test_system_sigterm.py, test_system_shutdown.py, "
+     "tests/unit/test_deploy_shutdown.py"),
     ("corrupt, mismatched or forged cache entries (another key, another image, no valid "
      "MAC when a secret is set, a layout out of range) and stored images that do not hash "
      "to their id are dropped and re-encoded, never served",

@@ -227,9 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     system = LocalSystem(args.model, args.models_dir, args.redis_url, args.grpc_port,
                          args.language_port, args.num_cpus, vision_args,
                          allow_unauthenticated=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal cuts the drain short
+        signal.signal(sig, lambda *_: (hurry if stop.is_set() else stop).set())
     print("starting Redis, the language service and the vision service ...", flush=True)
     system.start()
     try:
@@ -241,8 +241,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "use; set HERO_VISION_API_TOKENS to require a bearer token)", flush=True)
         stop.wait()
     finally:
-        print("stopping ...", flush=True)
-        system.stop()
+        print("stopping: running answers finish first (Ctrl-C again ends them) ...",
+              flush=True)
+        stop.set()
+        system.stop(hurry)
     return 0
 
 

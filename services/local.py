@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -263,8 +264,11 @@ class LocalSystem:
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, hurry: threading.Event | None = None) -> None:
+        """Drain the vision app (its running answers finish; `hurry` cuts the drain short),
+        then stop it, then the language service (which the answers needed) and Redis."""
         if self.app is not None:
+            self.app.drain(hurry=hurry)
             self.app.stop()
             self.app = None
         self.language.stop()

@@ -151,8 +151,10 @@ class LanguageConfig(ServiceSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535)
     """Prometheus /metrics port; 0 turns it off."""
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    """How long in-flight calls may finish after SIGTERM."""
+    shutdown_grace_s: float = Field(300.0, ge=0)
+    """How long running calls may finish after SIGTERM (new calls are refused with
+    UNAVAILABLE meanwhile); the calls still running then end with UNAVAILABLE. The default
+    covers the longest call the vision service makes (its `language_timeout_s`, 300 s)."""
     max_connection_age_s: float = Field(300.0, gt=0)
     """Clients' connections are closed (gracefully) after this long, so clients that
     balance over DNS (the vision service) re-resolve and reach pods added since."""

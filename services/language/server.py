@@ -32,6 +32,7 @@ from services.common.codec import (
     check_tensor_header,
     packed_from_layout,
 )
+from services.common.drain import Drain
 from services.common.errors import DeadlineError, UnavailableError, status_for
 from services.common.metrics import serve_metrics
 from services.common.params import (
@@ -59,6 +60,9 @@ SERVICE = language_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
 FINISH = {"eos": common_pb2.FINISH_REASON_EOS, "length": common_pb2.FINISH_REASON_LENGTH,
           "stop": common_pb2.FINISH_REASON_STOP,
           "cancelled": common_pb2.FINISH_REASON_UNSPECIFIED}
+CLOSE_S = 5.0
+"""After the drain: how long the last refused or ended calls get to receive their status
+before the server closes its port."""
 
 
 def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> SamplingParams:
@@ -112,6 +116,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.admission = Admission(config.max_queue, self._occupancy, self._describe)
         self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
         self.auth = config.bearer_tokens()  # none: refuses to start, unless allowed
+        self.drain = Drain(refusal="the language service is shutting down (draining); "
+                                   "retry, another replica will take the call")
 
     async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> language_pb2.ModelInfo:
@@ -168,19 +174,20 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         arrival, request_id, code = time.perf_counter(), "-", grpc.StatusCode.OK
         counted = False
         try:
-            self._authorize(context)
-            header = await _next(request_iterator, "header")
-            request_id = loggable_request_id(header.request_id)
-            ticket = self.admission.reserve()  # refuse at once when full
-            try:
-                request = await self._read_request(header, request_id, request_iterator)
-                self.metrics.visual_tokens.observe(request.packed.num_tokens)
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining
-                async for response in self._stream(request, arrival, deadline):
-                    yield response
-            finally:
-                ticket.release()
+            with self.drain.admit():  # refused (UNAVAILABLE) once the server drains
+                self._authorize(context)
+                header = await _next(request_iterator, "header")
+                request_id = loggable_request_id(header.request_id)
+                ticket = self.admission.reserve()  # refuse at once when full
+                try:
+                    request = await self._read_request(header, request_id, request_iterator)
+                    self.metrics.visual_tokens.observe(request.packed.num_tokens)
+                    remaining = context.time_remaining()
+                    deadline = None if remaining is None else time.monotonic() + remaining
+                    async for response in self._stream(request, arrival, deadline):
+                        yield response
+                finally:
+                    ticket.release()
         except (asyncio.CancelledError, GeneratorExit):
             # a cancelled call: its task cancelled, or its response stream closed by grpc
             code = grpc.StatusCode.CANCELLED
@@ -218,13 +225,15 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                       deadline: float | None) -> AsyncIterator[language_pb2.GenerateResponse]:
         """Engine events as responses; the deadline is checked on every event (grpc does
         not always cancel a handler whose deadline passed while it was streaming) and
-        the engine ends a request whose deadline passes while it waits or runs."""
+        the engine ends a request whose deadline passes while it waits or runs. Once the
+        drain's grace is over the call ends with UNAVAILABLE instead of its next event."""
         self.metrics.in_flight.inc()
         try:
             # closed as soon as the call ends, however it ends, so the engine lets go at once
             stream = cast(AsyncGenerator[Delta | Finished, None],
                           self._engine().stream(request, deadline))  # engines are generators
-            async with contextlib.aclosing(stream) as events:
+            async with contextlib.aclosing(stream) as engine_events, \
+                    contextlib.aclosing(self.drain.until_expired(engine_events)) as events:
                 async for event in events:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise DeadlineError("the call's deadline passed; generation stopped")
@@ -256,9 +265,20 @@ class RunningServer:
     metrics_port: int | None
 
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        """Drain, then stop: report NOT_SERVING and refuse new calls (UNAVAILABLE), let the
+        running ones finish within `grace_s`, end the rest with UNAVAILABLE, close the
+        port, and shut the engine down."""
+        drain = self.servicer.drain
+        drain.begin()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if not await drain.wait_idle(grace_s):
+            log.warning("%d calls still running after the %g s drain: ending them "
+                        "(UNAVAILABLE, retryable)", drain.in_flight, grace_s)
+            drain.expire(f"the language service is shutting down: this call ran past its "
+                         f"{grace_s:g} s drain (shutdown_grace_s); retry")
+            await drain.wait_idle(CLOSE_S)
+        # every call has its status by now; grpc cancels what is left after CLOSE_S
+        await self.server.stop(CLOSE_S)
         if self.servicer.engine is not None:
             await asyncio.to_thread(self.servicer.engine.shutdown)
 
@@ -306,7 +326,8 @@ async def start_server(config: LanguageConfig,
 
 
 async def serve(config: LanguageConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run until SIGTERM or SIGINT, then drain for up to `shutdown_grace_s`; a second signal
+    ends the drain at once (the calls still running get UNAVAILABLE)."""
     from services.language.engine import load_engine
 
     running = await start_server(config, lambda: load_engine(config))
@@ -316,6 +337,9 @@ async def serve(config: LanguageConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, running.servicer.drain.expire,
+                                "the language service was told to stop at once; retry")
     log.info("draining for up to %.0f s", config.shutdown_grace_s)
     await running.stop(config.shutdown_grace_s)
 

@@ -10,6 +10,7 @@ token cache's state in the answer's trailing metadata (`cache_metadata`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -27,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from hero_core.models import crop_embed_dim, encoder_fingerprint, load_tiling, resolve_spec
 from services.common.codec import encode_tensor, layout_message
 from services.common.config import secret_value
+from services.common.drain import Drain
 from services.common.errors import (
     DeadlineError,
     NotFoundError,
@@ -52,6 +54,7 @@ from services.vision.door import (
     metadata_pairs,
     parsed,
 )
+from services.vision.drain import REFUSAL, follow
 from services.vision.encoder import EncodeJob, EncodeResult
 from services.vision.metrics import VisionMetrics
 from services.vision.tokens import EncoderClient, Tokens, TokenSource
@@ -191,6 +194,8 @@ class VisionIngress:
             width, self.metrics, crop_embed_dim(spec, width))
         self.language = language_client(self.config)
         self._health: tuple[float, bool] = (0.0, False)
+        self.drain = Drain(refusal=REFUSAL)
+        self._drain_follower = follow(self.drain)  # the runner's drain, where it has one
 
     def _admit(self, grpc_context: Any) -> float | None:
         """Require `authorization: Bearer <token>` when tokens are configured, then read
@@ -206,21 +211,22 @@ class VisionIngress:
         arrival, deadline = time.perf_counter(), None
         request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
-            deadline = self._admit(grpc_context)
-            request = parsed(request)
-            turns = check_generate(request, self.config)
-            check_deadline(deadline)
-            question = next((t for r, t in reversed(turns) if r == "user"), "")
+            with self.drain.admit():  # refused (UNAVAILABLE) once the service drains
+                deadline = self._admit(grpc_context)
+                request = parsed(request)
+                turns = check_generate(request, self.config)
+                check_deadline(deadline)
+                question = next((t for r, t in reversed(turns) if r == "user"), "")
 
-            async def check() -> None:  # before this request encodes a miss
-                await self._validate(request, turns, request_id, deadline)
+                async def check() -> None:  # before this request encodes a miss
+                    await self._validate(request, turns, request_id, deadline)
 
-            tokens = await self.source.tokens(request.image, request.prune, question,
-                                              check=check, deadline=deadline)
-            yield vision_pb2.GenerateEvent(accepted=self._accepted(tokens))
-            async for event in self._answer(request, request_id, turns, tokens, arrival,
-                                            deadline):
-                yield event
+                tokens = await self.source.tokens(request.image, request.prune, question,
+                                                  check=check, deadline=deadline)
+                yield vision_pb2.GenerateEvent(accepted=self._accepted(tokens))
+                async for event in self._answer(request, request_id, turns, tokens, arrival,
+                                                deadline):
+                    yield event
             self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
         except asyncio.CancelledError as exc:
             if not ended_by_deadline(deadline):
@@ -236,18 +242,19 @@ class VisionIngress:
         deadline = None
         request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
-            deadline = self._admit(grpc_context)
-            request = parsed(request)
-            dtype = check_prune(request, self.config)
-            check_deadline(deadline)
-            tokens = await self.source.tokens(request.image, request.prune, request.question,
-                                              deadline=deadline)
-            yield vision_pb2.PruneResponse(accepted=self._accepted(tokens))
-            header, chunks = encode_tensor(tokens.packed.features, dtype)
-            yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
-                layout=layout_message(tokens.packed), features=header))
-            for chunk in chunks:
-                yield vision_pb2.PruneResponse(chunk=chunk)
+            with self.drain.admit():  # refused (UNAVAILABLE) once the service drains
+                deadline = self._admit(grpc_context)
+                request = parsed(request)
+                dtype = check_prune(request, self.config)
+                check_deadline(deadline)
+                tokens = await self.source.tokens(request.image, request.prune, request.question,
+                                                  deadline=deadline)
+                yield vision_pb2.PruneResponse(accepted=self._accepted(tokens))
+                header, chunks = encode_tensor(tokens.packed.features, dtype)
+                yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
+                    layout=layout_message(tokens.packed), features=header))
+                for chunk in chunks:
+                    yield vision_pb2.PruneResponse(chunk=chunk)
             self.metrics.requests.inc(1, tags={"rpc": "Prune", "code": "OK"})
         except asyncio.CancelledError as exc:
             if not ended_by_deadline(deadline):
@@ -259,10 +266,11 @@ class VisionIngress:
 
     async def Check(self, request: health_pb2.HealthCheckRequest | MalformedRequest,
                     grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1: SERVING while the language service answers, else NOT_SERVING.
-        The service name is "" (the whole server) or hero.vision.v1.VisionService. The
-        token cache's state rides in the trailing metadata (`cache_metadata`): a degraded
-        cache is reported, never NOT_SERVING, since misses still serve."""
+        """grpc.health.v1: SERVING while the language service answers and the service is
+        not draining, else NOT_SERVING. The service name is "" (the whole server) or
+        hero.vision.v1.VisionService. The token cache's state rides in the trailing
+        metadata (`cache_metadata`): a degraded cache is reported, never NOT_SERVING,
+        since misses still serve."""
         try:
             request = parsed(request)
             if request.service not in ("", VISION_SERVICE):
@@ -274,6 +282,7 @@ class VisionIngress:
                 grpc_context.set_trailing_metadata(cache_metadata(cache))
         except Exception as exc:
             raise self._fail(exc, "health", "Check", grpc_context) from exc
+        serving = serving and not self.drain.draining
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING
                                               if serving else
                                               health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -344,7 +353,8 @@ class VisionIngress:
                       deadline: float | None) -> AsyncIterator[vision_pb2.GenerateEvent]:
         """Stream the answer. A call that fails UNAVAILABLE before its first text is retried
         with backoff (nothing was sent yet, so a retry is safe), but never past the
-        client's deadline: the language call ends at that deadline."""
+        client's deadline: the language call ends at that deadline. A call still streaming
+        when the drain's grace ends gets UNAVAILABLE."""
         params, first_ms = request.params, 0.0
         for attempt in range(self.config.language_retries + 1):
             timeout = min(self.config.language_timeout_s,
@@ -355,13 +365,14 @@ class VisionIngress:
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
                 dtype=self.config.cache.dtype, timeout=timeout)
             try:
-                async for part in parts:
-                    if isinstance(part, common_pb2.Usage):
-                        yield self._usage(part, tokens, first_ms)
-                    else:
-                        if not first_ms:
-                            first_ms = (time.perf_counter() - arrival) * 1e3
-                        yield vision_pb2.GenerateEvent(delta=part)
+                async with contextlib.aclosing(self.drain.until_expired(parts)) as guarded:
+                    async for part in guarded:
+                        if isinstance(part, common_pb2.Usage):
+                            yield self._usage(part, tokens, first_ms)
+                        else:
+                            if not first_ms:
+                                first_ms = (time.perf_counter() - arrival) * 1e3
+                            yield vision_pb2.GenerateEvent(delta=part)
                 return
             except grpc.aio.AioRpcError as exc:
                 code, message = language_status(exc, deadline)
