@@ -21,7 +21,9 @@ class SamplingParams:
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None
+    """Seed of the sampler: the same seed (0 included) draws the same answer again; None
+    draws fresh randomness for every request."""
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     """Generate past end-of-sequence (fixed-length answers for load tests)."""
@@ -46,6 +48,17 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
                 longest = max(longest, n)
                 break
     return longest
+
+
+def generator_for(params: SamplingParams) -> torch.Generator:
+    """The random generator a request samples with: seeded by `params.seed`, or from
+    fresh system randomness when the request has no seed."""
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,

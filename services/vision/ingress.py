@@ -36,7 +36,7 @@ from services.common.errors import (
     public_details,
     status_for,
 )
-from services.common.params import TIMEOUT_HEADER, check_generation_params, turns_of
+from services.common.params import TIMEOUT_HEADER, check_generation_params, seed_of, turns_of
 from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
@@ -299,7 +299,7 @@ class VisionIngress:
         try:
             await self.language.validate(
                 messages=turns, max_new_tokens=params.max_new_tokens,
-                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                temperature=params.temperature, top_p=params.top_p, seed=seed_of(params),
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
                 timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -318,7 +318,7 @@ class VisionIngress:
                           remaining(deadline) or self.config.language_timeout_s)
             parts = self.language.generate(
                 tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
-                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                temperature=params.temperature, top_p=params.top_p, seed=seed_of(params),
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
                 dtype=self.config.cache.dtype, timeout=timeout)
             try:

@@ -26,7 +26,13 @@ from services.language.batching.runner import ModelRunner
 from services.language.batching.scheduler import PrefillChunk, Scheduler
 from services.language.batching.sequence import Sequence, Status
 from services.language.config import BatchingConfig
-from services.language.decoding import Delta, FinishReason, TextStream, sample_rows
+from services.language.decoding import (
+    Delta,
+    FinishReason,
+    TextStream,
+    generator_for,
+    sample_rows,
+)
 from services.language.engine import EngineObserver, EngineStats, Finished
 from services.language.model import EngineRequest, LanguageModel
 
@@ -185,7 +191,7 @@ class BatchingEngine:
         if self.observer is not None:
             self.observer.observe_queue_wait(seq.admitted_at - seq.submitted_at)
         seq.embeds = self.model.prompt_embeds(seq.request)
-        seq.generator = torch.Generator().manual_seed(seq.request.params.seed)
+        seq.generator = generator_for(seq.request.params)
 
     def _prefill(self, chunk: PrefillChunk) -> None:
         seq = chunk.sequence
