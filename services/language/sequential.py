@@ -49,6 +49,10 @@ class SequentialEngine:
                  cancelled: Callable[[], bool]) -> Iterator[Delta | Finished]:
         """Run one request to the end (blocking)."""
         m, params = self.model, request.params
+        if cancelled():  # closed, or past its deadline, while it waited for a slot
+            yield Finished(m.prompt_tokens(request), request.packed.num_embeddings, 0, 0.0,
+                           0.0, 0.0, "cancelled")
+            return
         embeds = m.prompt_embeds(request)[None]
         generator = generator_for(params)
         start = time.perf_counter()

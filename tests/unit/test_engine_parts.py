@@ -81,6 +81,25 @@ def test_text_stream_ends_at_eos_stop_strings_and_length():
     assert stream.add(ord("c")).text == "ac"
 
 
+def test_every_counted_token_is_streamed_the_stop_string_and_eos_are_not():
+    for text, params, reason in [("say END now", SamplingParams(20, stop=("END",)), "stop"),
+                                 ("xEND", SamplingParams(20, stop=("x", "END")), "stop"),
+                                 ("abENDc", SamplingParams(20, stop=("ENDc",)), "stop"),
+                                 ("hi$", SamplingParams(10), "eos"),
+                                 ("a$b$", SamplingParams(4, ignore_eos=True), "length")]:
+        stream = TextStream(Chars(), params, frozenset({0}))
+        deltas = []
+        for c in text:
+            if not stream.done:
+                deltas.append(stream.add(ord(c) if c != "$" else 0))
+        deltas = [d for d in [*deltas, stream.finish()] if d is not None]
+        streamed = [t for d in deltas for t in d.token_ids]
+        assert stream.reason == reason
+        assert streamed == stream.ids, text
+        assert not any(stop in "".join(d.text for d in deltas) for stop in params.stop)
+        assert (0 in streamed) == params.ignore_eos
+
+
 def sequence(prompt, max_new=4):
     request = EngineRequest("r", None, (("user", "q"),), SamplingParams(max_new))
     return Sequence(request, prompt, None, lambda events: None)
