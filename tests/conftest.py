@@ -83,6 +83,15 @@ def language_model(tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def embeddings_model(tiny_dir: Path):
+    """The tiny checkpoint's embedding parts only (what the vLLM engine loads)."""
+    from hero_core.models import resolve_spec
+    from services.language.model import LanguageModel
+
+    return LanguageModel(resolve_spec("tiny", tiny_dir.parent), parts="embeddings")
+
+
+@pytest.fixture(scope="session")
 def pruner(vlm):
     from hero_core.pipeline import Pruner
 

@@ -91,6 +91,11 @@ def check_generation_params(params: common_pb2.GenerationParams, max_new_tokens:
                                 f"of at most {max_stop_chars} characters")
 
 
+def seed_of(params: common_pb2.GenerationParams) -> int | None:
+    """The request's sampler seed, or None when it sent none (fresh randomness)."""
+    return int(params.seed) if params.HasField("seed") else None
+
+
 def turns_of(prompt: str | None, chat: list[common_pb2.ChatMessage] | None, max_chars: int,
              max_messages: int = MAX_MESSAGES) -> tuple[tuple[str, str], ...]:
     """(role, text) turns from a prompt or chat messages, with size checks."""

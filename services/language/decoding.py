@@ -43,7 +43,9 @@ class SamplingParams:
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None
+    """Seed of the sampler: the same seed (0 included) draws the same answer again; None
+    draws fresh randomness for every request."""
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     """Generate past end-of-sequence (fixed-length answers for load tests)."""
@@ -68,6 +70,17 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
                 longest = max(longest, n)
                 break
     return longest
+
+
+def generator_for(params: SamplingParams) -> torch.Generator:
+    """The random generator a request samples with: seeded by `params.seed`, or from
+    fresh system randomness when the request has no seed."""
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
 
 
 def unusable(logits: torch.Tensor) -> torch.Tensor:
@@ -132,9 +145,11 @@ class TextStream:
     """One answer's tokens turned into text deltas.
 
     `add(token)` returns what can be sent now (None while the text may still begin a
-    stop string or ends inside a multi-byte character) and whether the generation is
-    over (end of sequence, a stop string, or max_new_tokens). `finish()` flushes
-    what was held back, unless a stop string ended the answer.
+    stop string or ends inside a multi-byte character); `done` says whether the
+    generation is over (end of sequence, a stop string, or max_new_tokens). The
+    end-of-sequence token is neither streamed nor counted (unless `ignore_eos`); the
+    tokens that completed a stop string are streamed, without its text. `finish()`
+    flushes what was held back, unless a stop string ended the answer.
     """
 
     def __init__(self, tokenizer: Any, params: SamplingParams, eos_ids: frozenset[int]):
@@ -154,8 +169,10 @@ class TextStream:
         stops = self.params.stop
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
+            # The text ends before the stop string; the tokens that made it are still
+            # handed out (with no text, if need be), so every counted token is streamed.
             self.reason = "stop"
-            return self._take(text, cut) if cut > len(self.sent) else None
+            return self._take(text, max(cut, len(self.sent)))
         if len(self.ids) >= self.params.max_new_tokens:
             self.reason = "length"
         ready = len(text) - held_back(text, stops)

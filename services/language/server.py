@@ -39,6 +39,7 @@ from services.common.params import (
     check_generation_params,
     loggable_request_id,
     request_id_of,
+    seed_of,
     turns_of,
 )
 from services.common.tls import server_credentials
@@ -70,7 +71,7 @@ def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> S
     check_generation_params(params, limits.max_new_tokens, limits.max_stop_strings,
                             limits.max_stop_chars)
     return SamplingParams(params.max_new_tokens, float(params.temperature),
-                          float(params.top_p) or 1.0, int(params.seed), tuple(params.stop),
+                          float(params.top_p) or 1.0, seed_of(params), tuple(params.stop),
                           bool(params.ignore_eos))
 
 

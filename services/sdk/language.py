@@ -54,8 +54,9 @@ def broken_stream(deadline: float | None) -> grpc.aio.AioRpcError:
 
 def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
                 request_id: str, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int, stop: Sequence[str], ignore_eos: bool = False
+                seed: int | None, stop: Sequence[str], ignore_eos: bool = False
                 ) -> language_pb2.GenerateHeader:
+    """The first message of a call; `seed` None leaves the seed unset (fresh randomness)."""
     params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_p=top_p, seed=seed, stop=list(stop),
                                          ignore_eos=ignore_eos)
@@ -85,7 +86,7 @@ class LanguageClient(AsyncChannelClient):
     async def validate(self, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                        request_id: str = "", timeout: float | None = None) -> None:
         """Whether the server would take this prompt and these parameters: returns, or
         raises `grpc.aio.AioRpcError` (INVALID_ARGUMENT saying what to change)."""
@@ -96,7 +97,7 @@ class LanguageClient(AsyncChannelClient):
     async def generate(self, packed: PackedTokens, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                        request_id: str = "", dtype: str = "float16",
                        timeout: float | None = None,
                        chunk_bytes: int = MAX_CHUNK_BYTES) -> AsyncIterator[Part]:

@@ -52,7 +52,7 @@ class GenerateOptions(PruneOptions, total=False):
     max_new_tokens: int
     temperature: float
     top_p: float
-    seed: int
+    seed: int | None
     stop: Sequence[str]
     ignore_eos: bool
 
@@ -80,7 +80,7 @@ def generate_request(image: ImageLike | None, prompt: str | None, *,
                      messages: Sequence[tuple[str, str]] | None = None,
                      image_id: str | None = None, method: str = "", retention: float = 0.0,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                     seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                      request_id: str = "") -> vision_pb2.GenerateRequest:
     request = vision_pb2.GenerateRequest(
         request_id=request_id, image=image_input(image, image_id),

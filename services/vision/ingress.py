@@ -38,7 +38,7 @@ from services.common.errors import (
     public_details,
     status_for,
 )
-from services.common.params import loggable_request_id
+from services.common.params import loggable_request_id, seed_of
 from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.language import LanguageClient
@@ -341,7 +341,7 @@ class VisionIngress:
         try:
             await self.language.validate(
                 messages=turns, max_new_tokens=params.max_new_tokens,
-                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                temperature=params.temperature, top_p=params.top_p, seed=seed_of(params),
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
                 timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -361,7 +361,7 @@ class VisionIngress:
                           remaining(deadline) or self.config.language_timeout_s)
             parts = self.language.generate(
                 tokens.packed, messages=turns, max_new_tokens=params.max_new_tokens,
-                temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                temperature=params.temperature, top_p=params.top_p, seed=seed_of(params),
                 stop=list(params.stop), ignore_eos=params.ignore_eos, request_id=request_id,
                 dtype=self.config.cache.dtype, timeout=timeout)
             try:

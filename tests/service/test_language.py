@@ -133,6 +133,15 @@ def test_sampling_with_a_seed_reproduces(server, astronaut_tokens):
         return [t for r in call(server, reqs)[:-1] for t in r.delta.token_ids]
     assert sample(7) == sample(7)
     assert sample(7) != sample(8) or sample(7) != sample(9)
+    assert sample(0) == sample(0)  # 0 is a seed like any other
+
+
+def test_sampling_without_a_seed_draws_a_fresh_answer_each_time(server, astronaut_tokens):
+    def sample():
+        reqs = requests(astronaut_tokens, max_new_tokens=32, temperature=1.0, seed=None,
+                        ignore_eos=True)
+        return [t for r in call(server, reqs)[:-1] for t in r.delta.token_ids]
+    assert len({tuple(sample()) for _ in range(3)}) == 3
 
 
 def test_chat_messages_are_accepted(server, astronaut_tokens):

@@ -38,6 +38,7 @@ from services.language.decoding import (
     FinishReason,
     NonFiniteLogitsError,
     TextStream,
+    generator_for,
     sample_rows,
 )
 from services.language.engine import EngineObserver, EngineStats, Finished
@@ -211,7 +212,7 @@ class BatchingEngine:
         if self.observer is not None:
             self.observer.observe_queue_wait(seq.admitted_at - seq.submitted_at)
         seq.embeds = self.model.prompt_embeds(seq.request)
-        seq.generator = torch.Generator().manual_seed(seq.request.params.seed)
+        seq.generator = generator_for(seq.request.params)
 
     def _prefill(self, chunk: PrefillChunk) -> None:
         seq = chunk.sequence
