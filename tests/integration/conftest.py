@@ -62,3 +62,11 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+STOPS_THE_SYSTEM = "test_system_shutdown.py"
+"""The tests that stop the session's system run after every other integration test."""
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name == STOPS_THE_SYSTEM)

@@ -2,7 +2,8 @@
 `hero serve` do on SIGTERM: answers streaming through Serve finish and reach the client
 before Serve stops, new calls get a retryable UNAVAILABLE and health reads NOT_SERVING,
 and an answer the drain has to end gets UNAVAILABLE, not a cut stream. It stops the
-session's system, so it runs after the other integration tests (file order)."""
+session's system, so it runs after the other integration tests (`conftest.py` orders it
+last)."""
 
 from __future__ import annotations
 

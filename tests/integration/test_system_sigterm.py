@@ -40,7 +40,8 @@ def vision_process(tmp_path, redis_url: str, language_target: str):
     proc = subprocess.Popen([sys.executable, "-m", "services.vision", "--serve-config",
                              str(path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "HERO_VISION_API_TOKENS": API_TOKEN})
+                            env={**os.environ, "HERO_VISION_API_TOKENS": API_TOKEN,
+                                 "HERO_VISION_CACHE__SECRET": "sigterm-test-cache-key"})
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
@@ -58,7 +59,9 @@ def vision_process(tmp_path, redis_url: str, language_target: str):
 def test_sigterm_mid_answer_lets_the_answer_reach_the_client_whole(tmp_path, photo):
     redis = RedisProcess(maxmemory="64mb").start()
     language = LanguageProcess("tiny", MODELS_DIR.resolve(), extra_env={
-        "HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": str(TOKENS)})
+        "HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS": str(TOKENS),
+        # internal, on 127.0.0.1: no token between the services
+        "HERO_LANGUAGE_ALLOW_UNAUTHENTICATED": "true"})
     try:
         language.start()
         with vision_process(tmp_path, redis.url, language.target) as (proc, target), \
