@@ -5,16 +5,11 @@ Ray Serve app. Runs inside a private network namespace (`.ci/isolated`, as
 from __future__ import annotations
 
 import io
-import socket
 
 import pytest
 from PIL import Image
 
-from tests.conftest import MODELS_DIR
-
-
-def only_loopback() -> bool:
-    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+from tests.conftest import MODELS_DIR, only_loopback
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -61,7 +61,8 @@ def start_language_process(tmp_path, tiny_dir, grace_s: float) -> tuple[subproce
     port = free_port()
     config = tmp_path / "language.yaml"
     config.write_text(f"port: {port}\nmetrics_port: 0\nmodels_dir: {tiny_dir.parent}\n"
-                      f"shutdown_grace_s: {grace_s}\nlimits:\n  max_new_tokens: 8192\n")
+                      f"shutdown_grace_s: {grace_s}\nallow_unauthenticated: true\n"
+                      "limits:\n  max_new_tokens: 8192\n")
     proc = subprocess.Popen([sys.executable, "-m", "services.language", "--config", str(config)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
