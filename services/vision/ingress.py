@@ -208,26 +208,12 @@ class VisionIngress:
 
     async def Generate(self, request: vision_pb2.GenerateRequest | MalformedRequest,
                        grpc_context: Any = None) -> AsyncIterator[vision_pb2.GenerateEvent]:
+        arrival, deadline = time.perf_counter(), None
         request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
-            deadline = self._admit(grpc_context)
-            async for event in self.generate_stream(parsed(request), deadline, request_id,
-                                                    metadata_pairs(grpc_context)):
-                yield event
-            self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
-        except Exception as exc:
-            raise self._fail(exc, request_id, "Generate", grpc_context) from exc
-
-    async def generate_stream(self, request: vision_pb2.GenerateRequest, deadline: float | None,
-                              request_id: str, metadata: list[tuple[str, Any]]
-                              ) -> AsyncIterator[vision_pb2.GenerateEvent]:
-        """Generate's events for every front end (gRPC, `services.vision.openai`): `metadata`
-        must carry an accepted bearer token; `deadline` is on the `time.monotonic()` clock.
-        Failures raise the typed errors `status_for` maps; a cancel passes through."""
-        arrival = time.perf_counter()
-        self.auth.check(metadata)
-        try:
             with self.drain.admit():  # refused (UNAVAILABLE) once the service drains
+                deadline = self._admit(grpc_context)
+                request = parsed(request)
                 turns = check_generate(request, self.config)
                 check_deadline(deadline)
                 question = next((t for r, t in reversed(turns) if r == "user"), "")
@@ -241,10 +227,15 @@ class VisionIngress:
                 async for event in self._answer(request, request_id, turns, tokens, arrival,
                                                 deadline):
                     yield event
+            self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
         except asyncio.CancelledError as exc:
             if not ended_by_deadline(deadline):
                 raise  # the call was cancelled: nobody waits for a status
-            raise DeadlineError("the deadline passed before the answer was complete") from exc
+            raise self._fail(DeadlineError("the deadline passed before the answer was "
+                                           "complete"), request_id, "Generate",
+                             grpc_context) from exc
+        except Exception as exc:
+            raise self._fail(exc, request_id, "Generate", grpc_context) from exc
 
     async def Prune(self, request: vision_pb2.PruneRequest | MalformedRequest,
                     grpc_context: Any = None) -> AsyncIterator[vision_pb2.PruneResponse]:
