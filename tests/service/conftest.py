@@ -107,9 +107,11 @@ def redis_server() -> Iterator[RedisProcess]:
     server.stop()
 
 
-def cache_for(url: str, **kwargs) -> tuple[TokenCache, CountingMetrics]:
-    """A token cache over the store at `url`, with metrics that count its events."""
+def cache_for(url: str, timeout_s: float = 0.25, **kwargs
+              ) -> tuple[TokenCache, CountingMetrics]:
+    """A token cache over the store at `url` (calls time out after `timeout_s`), with
+    metrics that count its events."""
     metrics = CountingMetrics()
     settings = {"ttl_s": 60.0, "max_entry_bytes": 1 << 20, **kwargs}
-    return TokenCache(open_store(url), metrics, settings["ttl_s"],
+    return TokenCache(open_store(url, timeout_s), metrics, settings["ttl_s"],
                       settings["max_entry_bytes"]), metrics
