@@ -36,15 +36,21 @@ def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader,
         yield language_pb2.GenerateRequest(chunk=chunk)
 
 
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def broken_stream(deadline: float | None) -> grpc.aio.AioRpcError:
     """The status of a Generate call that grpc.aio cancelled itself.
 
     grpc.aio cancels a call when sending its request stream fails (its deadline passed, or
     the connection broke, while the last chunk or the half-close was being sent); the
-    read then raises `CancelledError` although nobody cancelled the caller. This is the
-    status that stands for: DEADLINE_EXCEEDED past `deadline`, else UNAVAILABLE.
+    read then raises `CancelledError` although nobody cancelled the caller, or INTERNAL
+    "Internal error from Core" when the deadline passed while chunks were still queued.
+    This is the status that stands for: DEADLINE_EXCEEDED past `deadline`, else
+    UNAVAILABLE.
     """
-    if deadline is not None and time.monotonic() >= deadline:
+    if past(deadline):
         code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
     else:
         code, details = (grpc.StatusCode.UNAVAILABLE,
@@ -120,6 +126,12 @@ class LanguageClient(AsyncChannelClient):
                     if task is not None and task.cancelling():
                         raise  # this task is being cancelled: the call goes with it
                     raise broken_stream(deadline) from None
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.INTERNAL and past(deadline):
+                        # grpc.aio's answer when the deadline passes while the request
+                        # stream is still being written: "Internal error from Core"
+                        raise broken_stream(deadline) from None
+                    raise
                 if response is grpc.aio.EOF:
                     return
                 yield getattr(response, response.WhichOneof("part"))
