@@ -99,6 +99,23 @@ def reference(vlm):
     return run
 
 
+@pytest.fixture(scope="module")
+def encoder_object(tiny_dir):
+    """The vision encoder replica's object, in this process (memory-only cache settings)."""
+    from services.vision.encoder import Encoder
+    from tests.service.vision_harness import vision_config
+
+    return Encoder(vision_config("memory://"))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A private Redis shared by one module's tests."""
+    server = RedisProcess(maxmemory="64mb").start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture()
 def redis_server() -> Iterator[RedisProcess]:
     """A private Redis server process on a free loopback port, for one test."""

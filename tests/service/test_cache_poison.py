@@ -6,8 +6,6 @@ still get the tokens an uncached request gets, and the value must be rebuilt."""
 from __future__ import annotations
 
 import asyncio
-import json
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,13 +23,14 @@ from hero_core.cache import (
     request_fingerprint,
     tokens_key,
 )
-from hero_core.serialization import CRC_KEY, decode_record, encode_record
+from hero_core.serialization import decode_record, encode_record
 from services.local import RedisProcess
 from services.vision.cache import CountingMetrics, seal, unseal
 from services.vision.encoder import EncodeJob, Encoder, EncodeResult
 from services.vision.ingress import VisionIngress
 from services.vision.tokens import ImageNotFoundError
 from tests.service.vision_harness import Context, InProcessEncoder, png_bytes, vision_config
+from tests.unit.test_serialization import forged, header_of
 
 IMAGE = png_bytes(40)
 QUESTIONS = ("What is in the picture?", "")
@@ -98,11 +97,6 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
-
-
-@pytest.fixture(scope="module")
 def server() -> Iterator[RedisProcess]:
     process = RedisProcess(maxmemory="64mb").start()
     yield process
@@ -138,33 +132,17 @@ def same_tokens(a, b) -> bool:
 # ---- forging records ------------------------------------------------------------------
 
 
-def split(value: bytes) -> tuple[dict[str, Any], bytes]:
-    length = int.from_bytes(value[:8], "little")
-    return json.loads(value[8:8 + length]), value[8 + length:]
-
-
-def forge(header: dict[str, Any], data: bytes) -> bytes:
-    """A record of `header` over `data` with both CRC-32s recomputed."""
-    fields = header.setdefault("__metadata__", {})
-    fields.pop(CRC_KEY, None)
-    rest = {k: v for k, v in header.items() if k != "__metadata__"}
-    canonical = json.dumps({"meta": fields, "tensors": rest}, sort_keys=True).encode()
-    fields[CRC_KEY] = f"{zlib.crc32(canonical)}:{zlib.crc32(data)}"
-    text = json.dumps(header).encode()
-    return len(text).to_bytes(8, "little") + text + data
-
-
 def in_header(change: Callable[[dict[str, Any]], None]) -> Mutation:
     def mutate(value: bytes) -> bytes:
-        header, data = split(value)
+        header, data = header_of(value)
         change(header)
-        return forge(header, data)
+        return forged(header, data)
     return mutate
 
 
 def in_record(change: Callable[[dict[str, Any], dict[str, torch.Tensor]], None]) -> Mutation:
     def mutate(value: bytes) -> bytes:
-        header, _ = split(value)
+        header, _ = header_of(value)
         kind = header["__metadata__"]["hero.kind"]
         meta, tensors = decode_record(value, kind)
         change(meta, tensors)

@@ -14,25 +14,11 @@ from hero.vision.v1 import vision_pb2
 
 from services.common.errors import public_details
 from services.common.params import TIMEOUT_HEADER
-from services.local import RedisProcess
 from services.sdk.vision import generate_request
 from services.vision.api import MalformedRequest, lenient
-from services.vision.encoder import Encoder
 from services.vision.ingress import RequestFailed, VisionIngress
 from tests.service.conftest import language_server
 from tests.service.vision_harness import Context, InProcessEncoder, png_bytes, vision_config
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisProcess(maxmemory="64mb").start()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

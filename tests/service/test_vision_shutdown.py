@@ -9,26 +9,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from services.local import RedisProcess
 from services.sdk.vision import generate_request, prune_request
 from services.vision.drain import REFUSAL
-from services.vision.encoder import Encoder
 from services.vision.ingress import RequestFailed
 from tests.service.conftest import language_server
 from tests.service.test_vision_endpoint import call, run
-from tests.service.vision_harness import Context, png_bytes, vision_config
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisProcess(maxmemory="64mb").start()
-    yield server.url
-    server.stop()
+from tests.service.vision_harness import Context, png_bytes
 
 
 async def until(condition, timeout_s: float = 60.0) -> None:

@@ -22,7 +22,6 @@ from hero_core.errors import InvalidInputError
 from hero_core.serialization import decode_record, encode_record
 from services.common.errors import UnavailableError
 from services.vision.cache import CountingMetrics, seal, unseal
-from services.vision.encoder import Encoder
 from services.vision.ingress import VisionIngress
 from services.vision.tokens import ImageNotFoundError
 from tests.service.vision_harness import (
@@ -31,11 +30,6 @@ from tests.service.vision_harness import (
     png_bytes,
     vision_config,
 )
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
 
 
 def by_bytes(data: bytes) -> vision_pb2.ImageInput:

@@ -89,7 +89,7 @@ def header_of(record: bytes) -> tuple[dict, bytes]:
 def forged(header: dict, data: bytes) -> bytes:
     """A record of `header` over `data`, both CRC-32s recomputed as a writer who knows the
     format would."""
-    fields = header["__metadata__"]
+    fields = header.setdefault("__metadata__", {})
     fields.pop(CRC_KEY, None)
     rest = {k: v for k, v in header.items() if k != "__metadata__"}
     canonical = json.dumps({"meta": fields, "tensors": rest}, sort_keys=True).encode()
