@@ -45,7 +45,8 @@ def clip_l_tokens(ratio: float, dim: int = 1024) -> PackedTokens:
 
 
 def request_bytes(packed: PackedTokens, dtype: str) -> int:
-    header = make_header("What is written on the sign?", None, "bench", 64, 0.0, 1.0, 0, ())
+    header = make_header("What is written on the sign?", None, "bench",
+                         common_pb2.GenerationParams(max_new_tokens=64))
     return sum(len(r.SerializeToString()) for r in generate_requests(packed, header, dtype,
                                                                      1 << 20))
 
@@ -69,7 +70,7 @@ async def _throughput(packed: PackedTokens, dtype: str, requests: int) -> tuple[
     language_pb2_grpc.add_LanguageServiceServicer_to_server(Sink(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    header = make_header("q", None, "bench", 1, 0.0, 1.0, 0, ())
+    header = make_header("q", None, "bench", common_pb2.GenerationParams(max_new_tokens=1))
     reqs = list(generate_requests(packed, header, dtype, 1 << 20))
     size = sum(len(r.SerializeToString()) for r in reqs)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
