@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from loadtest.soak import GRACE_S, KINDS, LONG, MEMORY_PERIOD_S, Fault, Result
+from loadtest.soak_plan import GRACE_S, KINDS, LONG, MEMORY_PERIOD_S, Fault, Result
 from loadtest.stats import percentile
 from services.vision.config import CacheConfig
 

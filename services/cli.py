@@ -174,10 +174,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from evals.calibration import DEFAULT_PHOTOS, default_images, plot_curves
     from hero_core import calibrate as cal
     from hero_core.config import CalibrationConfig
     from hero_core.image import read_image
+    from services.calibration import DEFAULT_PHOTOS, default_images, plot_curves
 
     config = CalibrationConfig(norm_std_factor=args.norm_std_factor, top_k=args.top_k,
                                    reference_layers=args.reference_layers,

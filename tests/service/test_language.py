@@ -273,7 +273,7 @@ def test_deadline_is_honoured_and_frees_the_slot(language_model, astronaut_token
 
 
 def test_health_is_serving_only_after_the_model_loaded(language_model):
-    from services.language.engine import build_engine
+    from services.language.app import build_engine
 
     gate = threading.Event()
 

@@ -1,6 +1,6 @@
 """Calibration's sample photos and its plot: what `hero calibrate` needs beside the
 measurement itself (`hero_core.calibrate`), kept out of the algorithm library because
-they pull in scikit-image and matplotlib."""
+they pull in scikit-image and matplotlib (both imported only when used)."""
 
 from __future__ import annotations
 
