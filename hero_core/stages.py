@@ -189,6 +189,15 @@ def select_tokens(entry: Entry, method: PruningMethod, ratio: float,
     return Selected(selection, pack_tokens(selection, None, entry.grid))
 
 
+def prune_crops(crops: EncodedCrops, grid: TileGrid, method: PruningMethod, ratio: float,
+                question: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> Selected:
+    """Both stages for one image whose crops are already encoded (a table of encoded
+    crops, a benchmark's synthetic ones): its entry, then this request's tokens."""
+    entry = rank_image(crops, grid, method, entry_origin(method, ratio), dtype)
+    return select_tokens(entry, method, ratio, question)
+
+
 def no_token_error(method: PruningMethod, grid: TileGrid, ratio: float,
                    keeps: Callable[[float], bool]) -> InvalidRatioError:
     """The refusal of a retention that keeps no token of an image; `keeps(r)`: whether

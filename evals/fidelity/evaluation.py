@@ -1,10 +1,10 @@
 """Train the answer model (all tokens and subsets), then score it on what each method keeps.
 
 A method sees one mosaic's `EncodedCrops` and `TileGrid` (from the crop table) through
-the two stages the serving path runs (`hero_core.stages`: `rank_image`, the part of
-stage 1 after the tower pass, then `select_tokens`), so what it keeps, with its crop and
-position, is exactly what the service would send. VisionZip's merged contextual tokens
-arrive with their merged features at their target's position.
+the two stages the serving path runs (`hero_core.stages.prune_crops`: `rank_image`, the
+part of stage 1 after the tower pass, then `select_tokens`), so what it keeps, with its
+crop and position, is exactly what the service would send. VisionZip's merged
+contextual tokens arrive with their merged features at their target's position.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from evals.fidelity.features import CropTable, EncodedSplit, TokenProjection
 from hero_core.encoder import EncodedCrops
 from hero_core.methods import PruningMethod, create_method
 from hero_core.packing import PackedTokens, Selection, pack_tokens
-from hero_core.stages import Selected, entry_origin, rank_image, select_tokens
+from hero_core.stages import prune_crops
 from hero_core.tiling import TileGrid
 
 TokenSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -71,14 +71,6 @@ def kept_tokens(selection: Selection, features: torch.Tensor, grid: TileGrid,
     """The kept tokens of a selection made outside the stages (a reference to check
     them against), packed as the serving path packs them, projected."""
     return token_set(pack_tokens(selection, features, grid), grid, projection)
-
-
-def select_mosaic(method: PruningMethod, crops: EncodedCrops, grid: TileGrid,
-                  ratio: float) -> Selected:
-    """What `method` keeps of one mosaic at `ratio` without a question, through the
-    service's two stages."""
-    entry = rank_image(crops, grid, method, entry_origin(method, ratio))
-    return select_tokens(entry, method, ratio, None)
 
 
 def training_batches(projected: torch.Tensor, attention: torch.Tensor, split: EncodedSplit,
@@ -294,7 +286,7 @@ def select_split(method: PruningMethod, table: CropTable, split: EncodedSplit, r
     """Run `method` at `ratio` on every mosaic of a split (no question: relevance off)."""
     sets, stats = [], SelectionStats()
     for i, grid in enumerate(split.grids):
-        selected = select_mosaic(method, table.encoded(split.rows[i]), grid, ratio)
+        selected = prune_crops(table.encoded(split.rows[i]), grid, method, ratio)
         sets.append(token_set(selected.packed, grid, projection))
         blank = [c.image is None for c in split.mosaics[i].cells]
         stats.add(selected.selection, split.object_patches[i], blank)

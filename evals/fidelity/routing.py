@@ -25,12 +25,11 @@ from evals.fidelity.evaluation import (
     TokenSet,
     accuracy_by_kind,
     correct_answers,
-    select_mosaic,
     token_set,
 )
 from evals.fidelity.features import CropTable, EncodedSplit, TokenProjection
 from hero_core.methods.base import RankedMethod
-from hero_core.stages import Selected, entry_origin, rank_image, select_tokens
+from hero_core.stages import Selected, entry_origin, prune_crops, rank_image, select_tokens
 
 
 @dataclasses.dataclass
@@ -129,7 +128,7 @@ def target_budgets(method: RankedMethod, table: CropTable, split: EncodedSplit,
                    if q.kind in NAMED_KINDS and q.target is not None]
         if not targets:
             continue
-        tiles = select_mosaic(method, table.encoded(split.rows[i]), grid,
-                              ratio).selection.counts[1:]
+        tiles = prune_crops(table.encoded(split.rows[i]), grid, method,
+                            ratio).selection.counts[1:]
         pairs += [target_and_others(tiles, t) for t in targets]
     return mean_pair(pairs)
