@@ -21,18 +21,15 @@ from grpc_health.v1 import health_pb2
 from hero.vision.v1 import vision_pb2
 from ray.serve.handle import DeploymentHandle
 
-from services.common.config import secret_value
 from services.common.errors import NotFoundError, public_details, status_for
 from services.common.params import loggable_request_id
-from services.common.store import open_store
 from services.vision.api import VISION_SERVICE, MalformedRequest
-from services.vision.cache import CacheHealth, TokenCache
+from services.vision.cache import CacheHealth
 from services.vision.config import VisionConfig
 from services.vision.door import deadline_of, metadata_pairs, parsed
 from services.vision.encoder import RayEncoder
-from services.vision.metrics import VisionMetrics
-from services.vision.pipeline import HEALTH_CACHE_S, VisionPipeline, language_client
-from services.vision.tokens import EncoderClient, TokenSource
+from services.vision.pipeline import HEALTH_CACHE_S, VisionPipeline
+from services.vision.tokens import EncoderClient
 
 __all__ = ["HEALTH_CACHE_S", "RequestFailed", "VisionIngress", "cache_metadata"]
 log = logging.getLogger("hero.vision")
@@ -73,20 +70,13 @@ class VisionIngress:
         self.config = VisionConfig.load(values=config)
         self.auth = self.config.bearer_tokens()  # none: refuses to start, unless allowed
         self.config.require_cache_secret()
-        self.metrics = VisionMetrics()
-        cache = self.config.cache
-        store = open_store(cache.url, cache.timeout_s, password=secret_value(cache.password),
-                           tls_ca_file=cache.tls_ca_file)
-        secret = (secret_value(cache.secret) or "").encode() or None
-        self.cache = TokenCache(store, self.metrics, cache.ttl_s, cache.max_entry_bytes,
-                                lock_ttl_s=cache.lock_ttl_s, secret=secret)
+        client = RayEncoder(encoder) if isinstance(encoder, DeploymentHandle) else encoder
+        self.pipeline = VisionPipeline.build(self.config, client)
+        self.metrics, self.source = self.pipeline.metrics, self.pipeline.tokens
+        self.cache, self.language = self.source.cache, self.pipeline.language
         self.cache_checked = _in_running_loop(self.cache.check())
         """The startup check of the cache (a failure is logged at ERROR and the service
         serves misses); None when constructed outside an event loop."""
-        client = RayEncoder(encoder) if isinstance(encoder, DeploymentHandle) else encoder
-        self.source = TokenSource(self.config, client, self.cache, self.metrics)
-        self.language = language_client(self.config)
-        self.pipeline = VisionPipeline(self.config, self.source, self.language, self.metrics)
 
     def _admit(self, grpc_context: Any) -> float | None:
         """Require `authorization: Bearer <token>` when tokens are configured, then read

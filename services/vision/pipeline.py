@@ -29,10 +29,11 @@ from hero.vision.v1 import vision_pb2
 from services.common.codec import encode_tensor, layout_message
 from services.common.config import secret_value
 from services.common.errors import DeadlineError, UpstreamError
+from services.common.store import open_store
 from services.common.tls import channel_credentials
 from services.sdk.errors import ApiError
 from services.sdk.language import LanguageClient
-from services.vision.cache import CacheHealth
+from services.vision.cache import CacheHealth, TokenCache
 from services.vision.config import VisionConfig
 from services.vision.door import (
     Turns,
@@ -42,7 +43,7 @@ from services.vision.door import (
     ended_by_deadline,
 )
 from services.vision.metrics import VisionMetrics
-from services.vision.tokens import Tokens, TokenSource
+from services.vision.tokens import EncoderClient, Tokens, TokenSource
 
 log = logging.getLogger("hero.vision")
 HEALTH_CACHE_S = 1.0
@@ -97,6 +98,26 @@ class VisionPipeline:
                  metrics: VisionMetrics):
         self.config, self.tokens, self.language, self.metrics = config, tokens, language, metrics
         self._reachable: tuple[float, bool] = (0.0, False)
+
+    @classmethod
+    def build(cls, config: VisionConfig, encoder: EncoderClient) -> VisionPipeline:
+        """A replica's pipeline: the token cache over the configured store (with its
+        HMAC key), `encoder` (the encoder deployment, or any `EncoderClient`), the
+        language service's client and the service's metrics."""
+        metrics, settings = VisionMetrics(), config.cache
+        store = open_store(settings.url, settings.timeout_s,
+                           password=secret_value(settings.password),
+                           tls_ca_file=settings.tls_ca_file)
+        cache = TokenCache(store, metrics, settings.ttl_s, settings.max_entry_bytes,
+                           lock_ttl_s=settings.lock_ttl_s,
+                           secret=(secret_value(settings.secret) or "").encode() or None)
+        return cls(config, TokenSource(config, encoder, cache, metrics),
+                   language_client(config), metrics)
+
+    async def close(self) -> None:
+        """Close the store's and the language service's connections."""
+        await self.tokens.cache.store.close()
+        await self.language.close()
 
     async def generate(self, request: vision_pb2.GenerateRequest, *, deadline: float | None,
                        request_id: str) -> AsyncIterator[vision_pb2.GenerateEvent]:
