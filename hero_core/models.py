@@ -197,21 +197,6 @@ def load_tiling(spec: ModelSpec, patch_size: int) -> TilingSpec:
     )
 
 
-def crop_embed_dim(spec: ModelSpec, vision_hidden_size: int) -> int:
-    """Width of the crop embeddings `load_vlm(spec).vision_encoder()` makes, from the
-    configs alone: CLIP's projection when a text tower is loaded, else the pooled CLS of
-    a `vision_hidden_size`-wide tower."""
-    if spec.text_tower is None:
-        return vision_hidden_size
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(spec.text_tower, **_hub_kwargs(spec))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load CLIP config {spec.text_tower!r}: {exc}") from exc
-    return int(config.projection_dim)
-
-
 def load_text_tower(spec: ModelSpec) -> tuple[TextEncoder | None, nn.Module | None]:
     """The CLIP text tower, text projection and visual projection of `spec.text_tower`.
 

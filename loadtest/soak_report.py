@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from loadtest.soak import GRACE_S, KINDS, LONG, MEMORY_PERIOD_S, Fault, Result
+from loadtest.soak_plan import GRACE_S, KINDS, LONG, MEMORY_PERIOD_S, Fault, Result
 from loadtest.stats import percentile
 from services.vision.config import CacheConfig
 
@@ -178,7 +178,7 @@ TOKEN_PATH = [
     "one per run, Compose and Kubernetes require one, and the service refuses to start "
     "against Redis without one unless `cache.allow_unsigned`), so a Redis writer cannot "
     "forge or move an entry. A value is also checked, when it is read, against what the "
-    "encoder makes (origin, an image size within the pixel limit, one ranking per crop of "
+    "encoder makes (an image size within the pixel limit, one ranking per crop of "
     "the method's length, features and state of the encoder's widths and dtypes, all "
     "finite; record headers bounded in size and nesting before they are parsed). Any "
     "failure decoding or using it, whatever the exception, counts it `corrupt`: it is "
@@ -269,9 +269,10 @@ TESTED = [
      "to their id are dropped and re-encoded, never served",
      "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py, "
      "test_vision_tokens.py"),
-    ("fuzzed poisoned records that pass the envelope, CRC and origin checks (headers "
+    ("fuzzed poisoned records that pass the envelope and CRC checks (headers "
      "nested, oversized or of the wrong types; bad image sizes and grids; tensors of half "
-     "width, extra rows, another dtype, NaN) are dropped and rebuilt, and every request "
+     "width, extra rows, another dtype, NaN; a selection keeping nothing) are dropped and "
+     "rebuilt, and every request "
      "gets the tokens of an uncached one",
      "tests/service/test_cache_poison.py, tests/unit/test_serialization.py, "
      "test_cache_entry.py"),

@@ -40,8 +40,8 @@ class SequentialEngine:
         self._running = 0
         self._waiting = 0
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        self.model.check(request, max_prompt_tokens)
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        return self.model.check(request, max_prompt_tokens)
 
     def stats(self) -> EngineStats:
         return EngineStats(self._running, self._waiting, max(0, self.slots - self._running))

@@ -1,6 +1,5 @@
-"""The language service: a thin grpc.aio adapter around an `Engine`.
-
-    python -m services.language [--config language.yaml]
+"""The language service: a thin grpc.aio adapter around an `Engine` (which engine is
+chosen where the service is assembled: `services/language/app.py`).
 
 A `Generate` stream is read as header, visual tokens, chunks; everything is checked
 against the loaded model before a slot is taken; text streams back as it is made.
@@ -8,15 +7,12 @@ against the loaded model before a slot is taken; text streams back as it is made
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -218,9 +214,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         while not assembler.complete:
             assembler.add(await _next(stream, "chunk"))
         packed = packed_from_layout(tokens.layout, assembler.tensor())
-        request = EngineRequest(request_id, packed, turns, params)
-        engine.check(request, self.limits.max_prompt_tokens)
-        return request
+        return engine.check(EngineRequest(request_id, packed, turns, params),
+                            self.limits.max_prompt_tokens)
 
     async def _stream(self, request: EngineRequest, arrival: float,
                       deadline: float | None) -> AsyncIterator[language_pb2.GenerateResponse]:
@@ -324,35 +319,3 @@ async def start_server(config: LanguageConfig,
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("language service SERVING on %s:%d (model %s)", config.host, port, config.model)
     return RunningServer(server, port, servicer, health_servicer, metrics_port)
-
-
-async def serve(config: LanguageConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain for up to `shutdown_grace_s`; a second signal
-    ends the drain at once (the calls still running get UNAVAILABLE)."""
-    from services.language.engine import load_engine
-
-    running = await start_server(config, lambda: load_engine(config))
-    print(f"language service ready on {config.host}:{running.port}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, running.servicer.drain.expire,
-                                "the language service was told to stop at once; retry")
-    log.info("draining for up to %.0f s", config.shutdown_grace_s)
-    await running.stop(config.shutdown_grace_s)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="HERO Serve language service")
-    parser.add_argument("--config", type=Path, help="YAML file (env HERO_LANGUAGE_* overrides)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
-                        "%(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    config = LanguageConfig.load(args.config)
-    asyncio.run(serve(config))

@@ -143,12 +143,14 @@ class VllmEngine:
 
         return cls(model, llm, make_params, settings.max_num_seqs, settings.max_model_len)
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        needed = self.model.check(request, max_prompt_tokens)
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        request = self.model.check(request, max_prompt_tokens)
+        needed = self.model.needs(request)
         if needed > self.max_model_len:
             raise InvalidInputError(f"prompt + visual tokens + max_new_tokens = {needed} "
                                     f"exceeds max_model_len={self.max_model_len}; lower "
                                     "max_new_tokens or the retention")
+        return request
 
     def stats(self) -> EngineStats:
         # vLLM queues and schedules internally; what it holds counts as running.

@@ -68,7 +68,7 @@ def language_config(**overrides):
 
 def language_server(model, **overrides) -> ServerThread:
     """A language server with the engine its config names, around the shared model."""
-    from services.language.engine import build_engine
+    from services.language.app import build_engine
 
     config = language_config(**overrides)
     return ServerThread(config, lambda: build_engine(config, model)).ready()

@@ -16,6 +16,7 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 from hero.vision.v1 import vision_pb2, vision_pb2_grpc
 
+from services.sdk.errors import ApiError
 from services.sdk.language import LanguageClient
 from services.vision.api import add_public_services
 
@@ -124,7 +125,7 @@ async def outcome(client: LanguageClient, packed, timeout: float | None) -> str:
     try:
         [_ async for _ in client.generate(packed, "hi", dtype="float32", timeout=timeout)]
         return "OK"
-    except grpc.aio.AioRpcError as exc:
+    except ApiError as exc:
         return exc.code().name
     except asyncio.CancelledError:
         return "CancelledError"

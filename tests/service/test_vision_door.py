@@ -10,11 +10,14 @@ import re
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hero_core.cache import EntryShape, EntrySpec
+from hero_core.tiling import TilingSpec
 from services.common.params import MAX_ROLE_CHARS, MAX_TIMEOUT_MS, TIMEOUT_HEADER
 from services.sdk.vision import generate_request, prune_request
 from services.vision.ingress import RequestFailed, VisionIngress
@@ -36,9 +39,13 @@ class PairsContext(Context):
 
 
 class FailingEncoder:
-    """An encoder client whose every call fails with internals in its message."""
+    """An encoder client whose every call but `spec` fails with internals in its
+    message."""
 
-    async def encode(self, job):
+    async def spec(self):
+        return EntrySpec("failing", TilingSpec(), EntryShape(64, torch.float32, 64, 1 << 24))
+
+    async def encode(self, request):
         raise RuntimeError("replica pid=4242 at /opt/venv/lib/site-packages/x.py: "
                            "<ray.Thing object at 0x7f3a2b1c9d80>")
 
@@ -221,17 +228,17 @@ def test_a_failing_health_check_is_internal_with_only_its_id(door, monkeypatch):
         raise RuntimeError("channel state at 0x7f3a2b1c9d80")
 
     monkeypatch.setattr(ingress.language, "model_info", broken)
-    monkeypatch.setattr(ingress, "_health", (0.0, False))
+    monkeypatch.setattr(ingress.pipeline, "_reachable", (0.0, False))
     code, details = outcome(door, "Check", health_pb2.HealthCheckRequest(), [])
     assert (code, details) == (grpc.StatusCode.INTERNAL, "internal error (request id health)")
 
 
 def tokens_for(ingress):
-    """Pruned tokens of the smallest layout, as `TokenSource.tokens` returns them."""
+    """Pruned tokens of the smallest layout, as `TokenSource.cached` returns them."""
     from services.language.model import smallest_packed
     from services.vision.tokens import Tokens
 
-    packed = smallest_packed(ingress.source.tiling, ingress.source.feature_dim)
+    packed = smallest_packed(TilingSpec(), 64)
     return Tokens(packed, "0" * 64, True, 1.0, 0.0)
 
 
@@ -248,7 +255,7 @@ def test_a_cancelled_error_at_the_deadline_is_deadline_exceeded(door, monkeypatc
         raise asyncio.CancelledError()
         yield common_pb2.TextDelta()  # pragma: no cover
 
-    monkeypatch.setattr(ingress.source, "tokens", tokens)
+    monkeypatch.setattr(ingress.source, "cached", tokens)
     monkeypatch.setattr(ingress.language, "generate", generate)
     code, details = outcome(door, "Generate", generate_request(png_bytes(5), "What?"),
                             [AUTH, (TIMEOUT_HEADER, "20")])
@@ -267,7 +274,7 @@ def test_a_cancel_of_the_call_still_cancels_it(door, monkeypatch):
         await asyncio.sleep(30)
         yield common_pb2.TextDelta()  # pragma: no cover
 
-    monkeypatch.setattr(ingress.source, "tokens", tokens)
+    monkeypatch.setattr(ingress.source, "cached", tokens)
     monkeypatch.setattr(ingress.language, "generate", generate)
     context = PairsContext([AUTH, (TIMEOUT_HEADER, "10")])
 

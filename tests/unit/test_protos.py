@@ -61,12 +61,12 @@ def test_an_unset_seed_stays_unset_across_the_wire_and_zero_is_a_seed():
         return check_params(tensor_pb2.GenerationParams.FromString(params.SerializeToString()),
                             LimitsConfig()).seed
 
-    def header(seed):
-        return make_header("q", None, "r", 4, 1.0, 1.0, seed, ()).params
-
     def vision(**seed):
         return generate_request(b"png", "q", max_new_tokens=4, **seed).params
 
-    assert received(header(None)) is None and received(vision()) is None
-    assert received(header(0)) == 0 and received(vision(seed=0)) == 0
-    assert received(header(2**64 - 1)) == 2**64 - 1
+    def header(**seed):  # what the vision service sends on: the request's params as they are
+        return make_header("q", None, "r", vision(**seed)).params
+
+    assert received(header()) is None and received(vision()) is None
+    assert received(header(seed=0)) == 0 and received(vision(seed=0)) == 0
+    assert received(header(seed=2**64 - 1)) == 2**64 - 1

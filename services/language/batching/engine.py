@@ -71,13 +71,15 @@ class BatchingEngine:
 
     # -- the caller's side (any thread, usually the server's event loop) --------------
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        needed = self.model.check(request, max_prompt_tokens)
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        request = self.model.check(request, max_prompt_tokens)
+        needed = self.model.needs(request)
         if needed > self.pool.capacity:
             raise InvalidInputError(
                 f"the request needs {needed} KV tokens (prompt + visual tokens + "
                 f"max_new_tokens), above this server's kv_cache_tokens={self.pool.capacity}; "
                 "lower max_new_tokens or the retention")
+        return request
 
     def stats(self) -> EngineStats:
         running = len(self.scheduler.running)

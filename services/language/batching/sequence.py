@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from services.language.decoding import TextStream
-from services.language.model import EngineRequest
+from services.language.engine import EngineRequest, kv_tokens
 
 
 class Status(enum.Enum):
@@ -58,7 +58,7 @@ class Sequence:
     @property
     def reserved(self) -> int:
         """KV tokens this sequence may ever need: prompt, visual tokens, max_new_tokens."""
-        return self.prompt_length + self.request.params.max_new_tokens
+        return kv_tokens(self.prompt_length, self.request.params.max_new_tokens)
 
     @property
     def prefill_left(self) -> int:
