@@ -8,6 +8,7 @@ GEN    := build/gen
 PROTOS := $(shell find protos -name '*.proto')
 OUT    := out
 SCAN   := .venv-scan
+AIPERF := .venv-aiperf
 
 .PHONY: help setup kubectl test test-fast demo bench soak fidelity lint clean
 .DEFAULT_GOAL := help
@@ -16,7 +17,7 @@ help:
 	@echo "make setup   create .venv, install pinned deps, build the offline tiny model"
 	@echo "make test    setup, then run every test"
 	@echo "make demo    setup, run the whole system locally, ask it about a real photo, stop"
-	@echo "make bench   setup, then run the benchmarks and rewrite docs/BENCHMARKS.md"
+	@echo "make bench   setup, then run the benchmarks (AIPerf among them) and rewrite docs/BENCHMARKS.md"
 	@echo "make soak    setup, then 5 minutes of mixed traffic and faults; rewrites docs/RELIABILITY.md"
 	@echo "make fidelity setup, then measure pruning accuracy on real DINOv2 features (~20 min)"
 	@echo "make lint    ruff + mypy (strict on hero_core and services)"
@@ -58,6 +59,13 @@ $(SCAN)/.installed:
 	$(SCAN)/bin/python -m pip install -q checkov==3.3.30
 	touch $@
 
+# AIPerf, a peer's benchmark tool that `make bench` runs against the OpenAI-compatible API
+# beside our own load generator, in a venv of its own too (only `make bench` needs it).
+$(AIPERF)/.installed:
+	test -x $(AIPERF)/bin/python || $(PYTHON) -m venv $(AIPERF)
+	$(AIPERF)/bin/python -m pip install -q aiperf==0.13.0
+	touch $@
+
 # kubectl for `kubectl kustomize` in the deployment tests: PATH's, else fetched once.
 kubectl:
 	@.ci/fetch_kubectl >/dev/null
@@ -73,7 +81,7 @@ demo: setup
 	@mkdir -p $(OUT)
 	.ci/isolated $(BIN)/python -m services.demo --out $(OUT)
 
-bench: setup
+bench: setup $(AIPERF)/.installed
 	.ci/isolated $(BIN)/python -m loadtest.bench --out docs/BENCHMARKS.md
 
 soak: setup
@@ -87,4 +95,4 @@ lint: setup
 	$(BIN)/mypy hero_core services
 
 clean:
-	rm -rf $(VENV) $(SCAN) models $(OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN) $(AIPERF) models $(OUT) .pytest_cache .mypy_cache .ruff_cache

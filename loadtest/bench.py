@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from loadtest import scenarios
+from loadtest import aiperf_peer, scenarios
 from loadtest.micro import batching, hero_overhead, prefill, vision_cache, wire
 
 
@@ -60,6 +60,10 @@ def load_section() -> str:
     return scenarios.report(scenarios.run_all(Path("out")))
 
 
+def aiperf_section() -> str:
+    return aiperf_peer.report(aiperf_peer.run_all(Path("out")))
+
+
 SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("hero overhead", overhead_section),
     ("wire bytes and streaming", wire_section),
@@ -67,6 +71,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("llm prefill", prefill_section),
     ("language engines, batched vs one at a time", batching_section),
     ("load against the baseline", load_section),
+    ("aiperf over the openai api", aiperf_section),
 ]
 
 

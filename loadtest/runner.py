@@ -80,6 +80,8 @@ class Settings:
     retention: float = 0.0
     max_new_tokens: int = 8
     timeout_s: float = 60.0
+    ignore_eos: bool = False
+    """Answers of exactly max_new_tokens (comparable runs)."""
 
 
 async def one_request(stub: vision_pb2_grpc.VisionServiceStub, image: bytes, question: str,
@@ -89,15 +91,18 @@ async def one_request(stub: vision_pb2_grpc.VisionServiceStub, image: bytes, que
     request = vision_pb2.GenerateRequest(
         image=vision_pb2.ImageInput(data=image), prompt=question,
         prune=vision_pb2.PruneOptions(method=settings.method, retention=settings.retention),
-        params=common_pb2.GenerationParams(max_new_tokens=settings.max_new_tokens))
+        params=common_pb2.GenerationParams(max_new_tokens=settings.max_new_tokens,
+                                           ignore_eos=settings.ignore_eos))
     try:
         async for event in stub.Generate(request, timeout=settings.timeout_s):
             kind = event.WhichOneof("event")
             if kind == "accepted":
                 outcome.cache_hit = event.accepted.cache_hit
                 outcome.visual_tokens = event.accepted.tokens_kept
-            elif kind == "delta" and outcome.ttft_s is None:
-                outcome.ttft_s = time.perf_counter() - start
+            elif kind == "delta":
+                if outcome.ttft_s is None:
+                    outcome.ttft_s = time.perf_counter() - start
+                outcome.tokens += len(event.delta.token_ids)
             elif kind == "usage":
                 outcome.bytes_sent = event.usage.bytes_sent
         outcome.e2e_s = time.perf_counter() - start

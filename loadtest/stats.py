@@ -33,6 +33,15 @@ class Outcome:
     cache_hit: bool | None = None
     visual_tokens: int = 0
     bytes_sent: int = 0
+    tokens: int = 0
+    """Tokens generated."""
+
+    @property
+    def itl_s(self) -> float | None:
+        """Mean time between this answer's tokens after the first (None below 2 tokens)."""
+        if self.ttft_s is None or self.e2e_s is None or self.tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.tokens - 1)
 
 
 def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, object]:
@@ -40,6 +49,7 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, objec
     ok = [o for o in outcomes if o.code == "OK"]
     ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
     e2e = [o.e2e_s * 1e3 for o in ok if o.e2e_s is not None]
+    itl = [o.itl_s * 1e3 for o in ok if o.itl_s is not None]
 
     def pct(values: list[float]) -> dict[str, float]:
         return {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
@@ -49,7 +59,9 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, objec
         "codes": dict(collections.Counter(o.code for o in outcomes)),
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s > 0 else math.nan,
-        "ttft_ms": pct(ttft), "e2e_ms": pct(e2e),
+        "ttft_ms": pct(ttft), "e2e_ms": pct(e2e), "itl_ms": pct(itl),
+        "output_tokens_per_s": (sum(o.tokens for o in ok) / duration_s if duration_s > 0
+                                else math.nan),
         "cache_hit_ratio": (sum(1 for o in ok if o.cache_hit) / len(ok)) if ok else math.nan,
         "visual_tokens_mean": (sum(o.visual_tokens for o in ok) / len(ok)) if ok else math.nan,
         "bytes_sent_mean": (sum(o.bytes_sent for o in ok) / len(ok)) if ok else math.nan,

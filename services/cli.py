@@ -143,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Local use: the services run without API tokens unless the environment gives some.
     system = LocalSystem(args.model, args.models_dir, args.redis_url, args.grpc_port,
                          args.language_port, args.num_cpus, vision_args,
-                         allow_unauthenticated=True)
+                         allow_unauthenticated=True, http_port=args.http_port)
     stop, hurry = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal cuts the drain short
         signal.signal(sig, lambda *_: (hurry if stop.is_set() else stop).set())
@@ -151,11 +151,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     system.start()
     try:
         redis = args.redis_url or f"private Redis on {system.redis.url if system.redis else '?'}"
-        print(f"HERO Serve ready: VisionService on {system.target} (cache: {redis}, "
-              f"language service on {system.language.target}). Ctrl-C stops.", flush=True)
+        print(f"HERO Serve ready: VisionService on {system.target}, OpenAI-compatible API "
+              f"on {system.http_url} (cache: {redis}, language service on "
+              f"{system.language.target}). Ctrl-C stops.", flush=True)
         if not system.requires_token():
-            print("authentication is off: the VisionService accepts every caller (local "
-                  "use; set HERO_VISION_API_TOKENS to require a bearer token)", flush=True)
+            print("authentication is off: both APIs accept every caller (local use; set "
+                  "HERO_VISION_API_TOKENS to require a bearer token)", flush=True)
         stop.wait()
     finally:
         print("stopping: running answers finish first (Ctrl-C again ends them) ...",
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the whole system locally until Ctrl-C")
     serve.add_argument("--redis-url", help="use this Redis instead of a private one")
     serve.add_argument("--grpc-port", type=int, default=9000, help="VisionService port")
+    serve.add_argument("--http-port", type=int, default=8000,
+                       help="OpenAI-compatible API port (on 127.0.0.1)")
     serve.add_argument("--language-port", type=int, default=None)
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use")
     add_model_args(serve)

@@ -1,9 +1,9 @@
 """The whole system on one machine: private Redis, language service, Ray Serve app.
 
 `hero serve` uses `LocalSystem`; the integration tests and `make demo` do too. Every
-listener binds 127.0.0.1 except Serve's gRPC proxy and replica ports, which Ray 2.60
-binds on all interfaces (see docs/DEPLOY notes); tests run in a private network
-namespace for that reason.
+listener binds 127.0.0.1 (Serve's HTTP proxy, the OpenAI-compatible API, included)
+except Serve's gRPC proxy and replica ports, which Ray 2.60 binds on all interfaces
+(see docs/DEPLOY notes); tests run in a private network namespace for that reason.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class LocalSystem:
                  vision_args: dict[str, Any] | None = None,
                  language_env: dict[str, str] | None = None,
                  vision_env: dict[str, str] | None = None,
-                 allow_unauthenticated: bool = False):
+                 allow_unauthenticated: bool = False, http_port: int | None = None):
         self.redis = None if redis_url else RedisProcess()
         self.redis_url = redis_url
         unauthenticated = {"HERO_LANGUAGE_ALLOW_UNAUTHENTICATED": "true"} \
@@ -232,6 +232,8 @@ class LocalSystem:
         """`HERO_VISION_*` variables for the vision app's replicas (this process keeps its
         own environment)."""
         self.grpc_port, self.num_cpus = grpc_port, num_cpus
+        self.http_port = http_port or free_port()
+        """Serve's HTTP proxy on 127.0.0.1: the OpenAI-compatible API."""
         self.metrics_port = free_port()
         """Where Ray exports the vision service's Prometheus metrics."""
         self.app: ServeApp | None = None
@@ -239,6 +241,11 @@ class LocalSystem:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (`base_url` of an OpenAI client)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def requires_token(self) -> bool:
         """Whether the public API requires a bearer token (HERO_VISION_API_TOKENS in this
@@ -256,7 +263,7 @@ class LocalSystem:
             self.language.start()
             cache = {**self.args.get("cache", {}), "url": url}
             self.app = ServeApp(serve_config({**self.args, "cache": cache}, self.grpc_port,
-                                             free_port()), self.num_cpus,
+                                             self.http_port), self.num_cpus,
                                 metrics_export_port=self.metrics_port,
                                 env=self.vision_env).start()
         except BaseException:

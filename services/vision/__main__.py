@@ -5,13 +5,14 @@
 Application args come from the Serve config; environment variables `HERO_VISION_<KEY>`
 override them in every process that loads them (nested keys with `__`, e.g.
 `HERO_VISION_CACHE__URL`; see `services.vision.config`). `HERO_VISION_GRPC_PORT` sets
-the gRPC port, `HERO_VISION_METRICS_PORT` the port where Ray exports the Prometheus
-metrics and `HERO_VISION_NODE_IP` the node's address (`auto` in a container, so that
-other containers reach the metrics port; `NodeSettings`). On a Ray cluster use KubeRay's
-RayService or `serve deploy` with the same file instead. SIGTERM (or SIGINT) drains the
-app first: new calls get UNAVAILABLE and health NOT_SERVING while running answers finish,
-within the VisionIngress deployment's `graceful_shutdown_timeout_s` (a second signal ends
-the drain at once); then Serve and Ray shut down.
+the gRPC port, `HERO_VISION_HTTP_HOST` / `HERO_VISION_HTTP_PORT` where Serve's HTTP proxy
+(the OpenAI-compatible API) listens, `HERO_VISION_METRICS_PORT` the port where Ray
+exports the Prometheus metrics and `HERO_VISION_NODE_IP` the node's address (`auto` in a
+container, so that other containers reach the metrics port; `NodeSettings`). On a Ray
+cluster use KubeRay's RayService or `serve deploy` with the same file instead. SIGTERM
+(or SIGINT) drains the app first: new calls get UNAVAILABLE and health NOT_SERVING while
+running answers finish, within the VisionIngress deployment's `graceful_shutdown_timeout_s`
+(a second signal ends the drain at once); then Serve and Ray shut down.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class NodeSettings(ServiceSettings):
 
     grpc_port: int | None = Field(None, ge=0, le=65535)
     """Serve's gRPC port; None: the Serve config's."""
+    http_host: str | None = None
+    """The address Serve's HTTP proxy binds; None: the Serve config's (127.0.0.1).
+    `0.0.0.0` in a container whose port is published."""
+    http_port: int | None = Field(None, ge=1, le=65535)
+    """Serve's HTTP port (the OpenAI-compatible API); None: the Serve config's."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Where Ray exports the Prometheus metrics; None: a port of Ray's choosing."""
     node_ip: str = "127.0.0.1"
@@ -57,6 +63,11 @@ def resolve_config(path: Path, node: NodeSettings) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(path.read_text())
     if node.grpc_port is not None:
         config["grpc_options"]["port"] = node.grpc_port
+    http = config.setdefault("http_options", {})
+    if node.http_host is not None:
+        http["host"] = node.http_host
+    if node.http_port is not None:
+        http["port"] = node.http_port
     return config
 
 
@@ -68,7 +79,8 @@ def main() -> None:
     node = NodeSettings()
     app = ServeApp(resolve_config(args.serve_config, node), metrics_export_port=node.metrics_port,
                    node_ip=node.ray_node_ip()).start()
-    print(f"vision service ready on port {app.config['grpc_options']['port']}", flush=True)
+    print(f"vision service ready on port {app.config['grpc_options']['port']} (gRPC) and "
+          f"{app.config['http_options']['port']} (HTTP, the OpenAI-compatible API)", flush=True)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_: Any) -> None:  # the first signal drains; a second one hurries it

@@ -1,5 +1,9 @@
 """The vision service's Ray Serve application.
 
+One ingress deployment answers both of Serve's proxies: gRPC (`VisionIngress`'s RPCs,
+registered by `services.vision.api`) and HTTP (`__call__`: the OpenAI-compatible API of
+`services.vision.openai`, over the same `VisionPipeline`).
+
 `serve_config.yaml` in this folder is the deployment's single source (also the
 `serveConfigV2` of the KubeRay RayService): its `args`, with each process's
 `HERO_VISION_*` environment over them, become `VisionConfig`; its `deployments` set each
@@ -13,13 +17,28 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from starlette.requests import Request
+from starlette.responses import Response
 
 from services.vision.config import VisionConfig
 from services.vision.encoder import Encoder
 from services.vision.ingress import VisionIngress
+from services.vision.openai import OpenAIApi
+
+
+class PublicIngress(VisionIngress):
+    """`VisionIngress` with HTTP: Serve's HTTP proxy calls `__call__` with each request."""
+
+    def __init__(self, encoder: Any, config: dict[str, Any]):
+        super().__init__(encoder, config)
+        self.http = OpenAIApi(self)
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.http(request)
+
 
 EncoderDeployment = serve.deployment(name="Encoder")(Encoder)
-IngressDeployment = serve.deployment(name="VisionIngress")(VisionIngress)
+IngressDeployment = serve.deployment(name="VisionIngress")(PublicIngress)
 
 
 def build_app(args: dict[str, Any],

@@ -66,6 +66,25 @@ class BatchConfig(BaseModel):
     """How long a partial batch waits for more images."""
 
 
+class OpenAIConfig(BaseModel):
+    """The OpenAI-compatible HTTP API (`services.vision.openai`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    served_model_name: str | None = None
+    """The model id `GET /v1/models` lists and a request's `model` may name; unset: the
+    `model` setting as given."""
+    default_max_tokens: int = Field(256, ge=1)
+    """Tokens to generate at most when a request sets neither `max_tokens` nor
+    `max_completion_tokens` (the language service's own limit still applies)."""
+    image_url_hosts: list[str] = Field(default_factory=list)
+    """Hosts (`name` or `name:port`) whose http(s) image URLs the service fetches; empty:
+    every remote image URL is refused, so a request cannot make the service reach
+    other hosts (send the image as a data: URI or by its id)."""
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    """How long fetching one remote image may take in all (at most `max_image_bytes`)."""
+
+
 class VisionConfig(ServiceSettings):
     """Everything the vision service reads at start."""
 
@@ -116,6 +135,7 @@ class VisionConfig(ServiceSettings):
     """First retry delay; doubles each retry."""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
 
     @property
     def max_request_bytes(self) -> int:
@@ -124,6 +144,14 @@ class VisionConfig(ServiceSettings):
         (`RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`, see `proxy_env`), so a larger upload is refused
         by the proxy as it arrives instead of being read whole and handed to a replica."""
         return self.max_image_bytes + 4 * self.max_prompt_chars + (64 << 10)
+
+    @property
+    def max_http_body_bytes(self) -> int:
+        """Largest body the OpenAI-compatible API reads: the largest image as base64, the
+        longest prompt with every character JSON-escaped (`\\uXXXX`), and room for the
+        other fields. A larger body is refused (413) from its Content-Length, or once
+        that many bytes have arrived, before any of it is parsed."""
+        return 4 * -(-self.max_image_bytes // 3) + 6 * self.max_prompt_chars + (64 << 10)
 
     def proxy_env(self) -> dict[str, str]:
         """Environment of the Ray processes that run Serve's proxy."""

@@ -12,6 +12,7 @@ model: what the cache's entries must look like comes from the encoder deployment
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -93,9 +94,10 @@ class VisionIngress:
         request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
             deadline = self._admit(grpc_context)
-            async for event in self.pipeline.generate(parsed(request), deadline=deadline,
-                                                      request_id=request_id):
-                yield event
+            async with contextlib.aclosing(self.pipeline.generate(
+                    parsed(request), deadline=deadline, request_id=request_id)) as events:
+                async for event in events:
+                    yield event
             self.metrics.requests.inc(1, tags={"rpc": "Generate", "code": "OK"})
         except Exception as exc:
             raise self._fail(exc, request_id, "Generate", grpc_context) from exc
@@ -105,9 +107,10 @@ class VisionIngress:
         request_id = loggable_request_id(getattr(request, "request_id", ""))
         try:
             deadline = self._admit(grpc_context)
-            async for response in self.pipeline.prune(parsed(request), deadline=deadline,
-                                                      request_id=request_id):
-                yield response
+            async with contextlib.aclosing(self.pipeline.prune(
+                    parsed(request), deadline=deadline, request_id=request_id)) as responses:
+                async for response in responses:
+                    yield response
             self.metrics.requests.inc(1, tags={"rpc": "Prune", "code": "OK"})
         except Exception as exc:
             raise self._fail(exc, request_id, "Prune", grpc_context) from exc

@@ -144,9 +144,10 @@ class VisionPipeline:
                 finally:
                     want.close()
                 yield vision_pb2.GenerateEvent(accepted=accepted(tokens))
-                async for event in self._answer(request, turns, tokens, request_id, arrival,
-                                                deadline):
-                    yield event
+                async with contextlib.aclosing(self._answer(
+                        request, turns, tokens, request_id, arrival, deadline)) as answer:
+                    async for event in answer:
+                        yield event
         except asyncio.CancelledError as exc:
             if not ended_by_deadline(deadline):
                 raise  # the call was cancelled: nobody waits for a status
@@ -221,7 +222,10 @@ class VisionPipeline:
                 tokens.packed, messages=turns, params=request.params, request_id=request_id,
                 dtype=self.config.cache.dtype, timeout=timeout)
             try:
-                async with contextlib.aclosing(self.drain.until_expired(parts)) as guarded:
+                # closing `guarded` leaves `parts` suspended when it happens at a yield:
+                # `parts` is closed on its own (its close cancels the language call)
+                async with contextlib.aclosing(parts), \
+                        contextlib.aclosing(self.drain.until_expired(parts)) as guarded:
                     async for part in guarded:
                         if isinstance(part, common_pb2.Usage):
                             yield self._usage(part, tokens, first_ms)

@@ -6,24 +6,20 @@ cache miss, and for a later question served from the cached entry."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 
 import pytest
 import torch
+from hero.common.v1 import tensor_pb2
 
 from hero_core.serialization import packed_from_bytes
 from services.cli import main as hero
-from services.sdk.vision import assemble_pruned, prune_request
-from services.vision.encoder import Encoder
+from services.sdk.vision import assemble_pruned, generate_request, prune_request
 from services.vision.ingress import VisionIngress
 from tests.service.vision_harness import InProcessEncoder, vision_config
 
 QUESTIONS = ("What is the astronaut holding?", "What colour is the sky?")
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +77,46 @@ def test_the_service_serves_what_hero_prune_makes_bit_for_bit(encoder_object, im
         assert_bit_equal(packed, hero_prune(path, question, method, ratio, tiny_dir, tmp_path))
     if method == "hero":  # the question moves HERO's tile budgets: not a vacuous check
         assert not torch.equal(answers[0][1].crop, answers[1][1].crop)
+
+
+class EndlessLanguage:
+    """A language client that takes every prompt and answers "x" forever; records whether
+    its answer's generator was closed (which is what cancels a real language call)."""
+
+    def __init__(self):
+        self.closed = False
+
+    async def validate(self, **_):
+        return None
+
+    async def generate(self, packed, **_):
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield tensor_pb2.TextDelta(text="x")
+        finally:
+            self.closed = True
+
+    async def close(self):
+        return None
+
+
+def test_closing_an_answer_at_a_yield_closes_its_language_call(encoder_object, image):
+    """A front door that stops reading (an HTTP client went away) closes the pipeline's
+    generator where it is suspended, at a yield: the language call is closed then, not
+    when the collector finds it."""
+    async def main():
+        ingress = VisionIngress(InProcessEncoder(encoder_object), vision_config("memory://"))
+        language = ingress.pipeline.language = EndlessLanguage()
+        events = ingress.pipeline.generate(generate_request(image[0], "What is it?"),
+                                           deadline=None, request_id="closed")
+        kinds = [(await anext(events)).WhichOneof("event") for _ in range(4)]
+        await events.aclose()
+        return kinds, language.closed
+
+    gc.disable()
+    try:
+        kinds, closed = asyncio.run(main())
+    finally:
+        gc.enable()
+    assert kinds == ["accepted", "delta", "delta", "delta"] and closed

@@ -69,6 +69,9 @@ def test_serve_args_are_loaded_like_a_yaml_file(monkeypatch):
     assert config.cache.url == "memory://" and config.cache.ttl_s == 60
     assert config.max_image_bytes == 1 << 20
     assert config.max_request_bytes == (1 << 20) + 4 * config.max_prompt_chars + (64 << 10)
+    # the HTTP API's body: the image as base64, the prompt JSON-escaped, 64 KiB more
+    assert config.max_http_body_bytes == \
+        4 * -(-(1 << 20) // 3) + 6 * config.max_prompt_chars + (64 << 10)
 
 
 def test_the_node_runner_reads_its_ports_and_checks_the_args(monkeypatch):
@@ -78,6 +81,11 @@ def test_the_node_runner_reads_its_ports_and_checks_the_args(monkeypatch):
     assert (node.grpc_port, node.metrics_port) == (9100, 9200)
     config = resolve_config(SERVE_CONFIG, node)
     assert config["grpc_options"]["port"] == 9100
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}  # the file's
+    monkeypatch.setenv("HERO_VISION_HTTP_HOST", "0.0.0.0")
+    monkeypatch.setenv("HERO_VISION_HTTP_PORT", "8100")
+    published = resolve_config(SERVE_CONFIG, NodeSettings())
+    assert published["http_options"] == {"host": "0.0.0.0", "port": 8100}
     # the args are checked with the environment over them before Ray starts
     monkeypatch.setenv("HERO_VISION_DEFAULT_RETENTION", "2")
     with pytest.raises(ValidationError, match="default_retention"):

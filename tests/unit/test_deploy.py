@@ -280,7 +280,8 @@ def test_the_public_endpoint_has_tls_in_front_of_it(rendered):
     # Compose: Envoy ends TLS on 9443 and forwards HTTP/2 to the vision service.
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     edge = compose["services"]["edge"]
-    assert edge["ports"] == ["127.0.0.1:9443:9443"] and edge["profiles"] == ["tls"]
+    assert edge["ports"] == ["127.0.0.1:9443:9443", "127.0.0.1:8443:8443"]
+    assert edge["profiles"] == ["tls"]
     envoy = yaml.safe_load(compose["configs"]["envoy"]["content"])["static_resources"]
     chain = envoy["listeners"][0]["filter_chains"][0]
     tls = chain["transport_socket"]["typed_config"]
@@ -311,3 +312,48 @@ def test_the_public_endpoint_has_tls_in_front_of_it(rendered):
     public = [r for r in policy["spec"]["ingress"]
               if any(p["port"] == 9000 for p in r.get("ports", []))]
     assert public and all(r.get("from") for r in public)
+
+
+def test_the_openai_api_is_exposed_as_the_grpc_api_is(rendered):
+    """HTTP (Serve's proxy on 8000: the OpenAI-compatible API) beside gRPC (9000): behind
+    TLS (Envoy on 8443, the ingress controller), on the serve Service, admitted only from
+    the ingress controller and labelled clients, with the API's own body bound."""
+    from services.vision.config import VisionConfig
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("vision", "vision-gpu"):
+        assert "127.0.0.1:8000:8000" in compose["services"][name]["ports"]
+    env = compose["services"]["vision"]["environment"]
+    assert (env["HERO_VISION_HTTP_HOST"], env["HERO_VISION_HTTP_PORT"]) == ("0.0.0.0", "8000")
+    envoy = yaml.safe_load(compose["configs"]["envoy"]["content"])["static_resources"]
+    listener = next(x for x in envoy["listeners"] if x["name"] == "public-http-tls")
+    assert listener["address"]["socket_address"]["port_value"] == 8443
+    chain = listener["filter_chains"][0]
+    assert chain["transport_socket"]["typed_config"]["@type"].endswith("DownstreamTlsContext")
+    cluster = next(c for c in envoy["clusters"] if c["name"] == "vision-http")
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "vision", "port_value": 8000}
+
+    _, docs = rendered
+    (rayservice,) = by_kind(docs, "RayService")
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    service = rayservice["spec"]["serveService"]
+    assert service_ports(service)[8000] == config["http_options"]["port"] == 8000
+    ingress = next(d for d in by_kind(docs, "Ingress")
+                   if d["metadata"]["name"] == "hero-vision-http")
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # events stream
+    path = ingress["spec"]["rules"][0]["http"]["paths"][0]
+    assert path["path"] == "/v1" and ingress["spec"]["tls"][0]["secretName"]
+    assert path["backend"]["service"] == {"name": service["metadata"]["name"],
+                                          "port": {"number": 8000}}
+    bound = VisionConfig.model_validate(config["applications"][0]["args"]).max_http_body_bytes
+    body = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert bound <= int(body[:-1]) << 20 < bound + (1 << 20)
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "hero-vision-ingress")
+    public = [r for r in policy["spec"]["ingress"]
+              if any(p["port"] == 8000 for p in r.get("ports", []))]
+    assert public and all(r.get("from") for r in public)
+    assert any(peer.get("podSelector", {}).get("matchLabels") == {"hero-serve/client": "true"}
+               for r in public for peer in r["from"])

@@ -11,7 +11,7 @@ import pytest
 from hero_core.methods import hero
 from tests.conftest import ROOT
 
-SKIP_DIRS = {".git", ".venv", ".venv-scan", "build", "models", "out", "__pycache__",
+SKIP_DIRS = {".git", ".venv", ".venv-scan", ".venv-aiperf", "build", "models", "out", "__pycache__",
              ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", "certs"}
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".json", ".cfg", ".txt", ".proto", ""}
 # A relative path that climbs folders, and code that climbs above the checkout's root.
