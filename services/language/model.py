@@ -104,6 +104,13 @@ class LanguageModel:
         ids = self.prompt_ids(request)
         return build_inputs_embeds(self.model, ids, request.packed, self.image_token_id)[0]
 
+    @torch.inference_mode()
+    def token_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LLM's input embeddings `(T, H)` of token ids `(T,)` (generated tokens fed
+        back as input, as the decoder embeds them)."""
+        embeds: torch.Tensor = self.model.get_input_embeddings()(ids)
+        return embeds
+
     def check(self, request: EngineRequest, max_prompt_tokens: int) -> int:
         """Raise `InvalidInputError` for anything the model cannot take; else return the
         request's length in KV tokens (prompt + visual + max_new_tokens)."""
