@@ -53,10 +53,12 @@ def load_model() -> LanguageModel:
     return LanguageModel(resolve_spec(str((MODEL_DIR / "llava").resolve()), MODEL_DIR))
 
 
-def packed_tokens(ratio: float, feature_dim: int, tiling: TilingSpec) -> PackedTokens:
-    """What the vision service sends for a 2x2-grid image at `ratio` (random features)."""
+def packed_tokens(ratio: float, feature_dim: int, tiling: TilingSpec,
+                  seed: int = 0) -> PackedTokens:
+    """What the vision service sends for a 2x2-grid image at `ratio` (random features;
+    another `seed`, another image)."""
     grid = plan_grid((672, 680), tiling)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     n = grid.num_crops
     crops = EncodedCrops(torch.randn(n, grid.tokens_per_crop, feature_dim, generator=g),
                          {layer: torch.rand(n, grid.tokens_per_crop, generator=g)
@@ -83,6 +85,12 @@ class StepLog:
         self.steps.append((batch_size, seconds))
 
     def observe_queue_wait(self, seconds: float) -> None:
+        pass
+
+    def observe_prefix_cache(self, tokens: int, hit_tokens: int) -> None:
+        pass
+
+    def observe_preemption(self) -> None:
         pass
 
 
