@@ -18,7 +18,15 @@ import torch
 import transformers
 
 from loadtest import scenarios
-from loadtest.micro import batching, hero_overhead, kv_cache, prefill, vision_cache, wire
+from loadtest.micro import (
+    batching,
+    hero_overhead,
+    kv_cache,
+    kv_report,
+    prefill,
+    vision_cache,
+    wire,
+)
 
 
 def machine() -> str:
@@ -57,7 +65,7 @@ def batching_section() -> str:
 
 
 def kv_cache_section() -> str:
-    return kv_cache.report(kv_cache.run())
+    return kv_report.report(kv_cache.run())
 
 
 def load_section() -> str:

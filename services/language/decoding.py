@@ -9,6 +9,8 @@ temperature too small to divide by (down to the smallest subnormal) gives the ot
 tokens probability 0 and picks the top token, as greedy does, instead of overflowing
 to NaN. A row whose logits are NaN or infinite gives no token: it gets a
 `NonFiniteLogitsError` of its own, and in a batch the other rows are sampled as usual.
+A batch is sampled in one pass whatever its rows' parameters (`sample_rows`), and every
+row gets exactly the token it would get alone.
 """
 
 from __future__ import annotations

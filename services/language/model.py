@@ -88,7 +88,11 @@ class LanguageModel:
                        head_dim, self.model.dtype)
 
     def prompt_ids(self, request: EngineRequest) -> torch.Tensor:
-        """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder."""
+        """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder.
+
+        The placeholder opens the first user turn, before its text (`format_chat`), so
+        every question about the same kept tokens has the same prompt up to the image's
+        end: the prefix the batched engine's KV cache reuses."""
         ids: torch.Tensor = self.tokenizer(format_chat(self.tokenizer, request.messages),
                                            return_tensors="pt").input_ids[0]
         return ids

@@ -154,3 +154,13 @@ def test_generated_tokens_extend_the_chain_once_their_blocks_are_known(language_
     first = k.upto(n, answer)
     other = keys(language_model, packed).upto(n, [7, *answer[1:]])
     assert first[:n - 1] == other[:n - 1] and first[n - 1] != other[n - 1]
+
+
+def test_the_kv_cache_must_hold_a_block():
+    from pydantic import ValidationError
+
+    from services.language.config import BatchingConfig
+
+    with pytest.raises(ValidationError, match="at least one block"):
+        BatchingConfig(kv_cache_tokens=16, block_size=32)
+    assert BatchingConfig(kv_cache_tokens=32, block_size=32).block_size == 32

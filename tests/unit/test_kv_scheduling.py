@@ -102,3 +102,18 @@ def test_a_sequence_alone_is_never_preempted_by_itself_while_it_fits():
         assert sched.decoding() == [only]
         fill(only)
     assert len(only.blocks) == 4 and sched.preemptions == 0
+
+
+def test_with_equal_arrival_times_the_later_admitted_is_the_younger():
+    sched = scheduler(kv_tokens=24, batch=4, block_size=4)  # 6 blocks
+    first, second = sequence(4, 20), sequence(8, 20)  # the same arrival time
+    sched.add(first)
+    sched.add(second)
+    assert sched.admit() == [first, second]
+    decode_ready(first, second)
+    first.cached = 3  # room left in its block; the second needs a new one
+    assert sched.decoding() == [first, second]
+    fill(second)
+    sched.blocks.take([], sched.blocks.available)  # the pool is out
+    assert sched.decoding() == [first]  # not the first, already in this step's batch
+    assert second.status is Status.WAITING and first.status is Status.DECODE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 import pytest
 
@@ -210,3 +211,34 @@ def test_small_requests_pass_a_large_one_that_does_not_fit_until_it_has_waited_e
         engine.shutdown()
     assert all(a.finished.finish_reason == "length" for a in got)
     assert engine.order == ["running", "small-0", "large", "small-1"]
+
+
+def test_the_service_metrics_count_reuse_and_the_blocks(language_model, packed):
+    from prometheus_client import generate_latest
+
+    from services.language.metrics import LanguageMetrics
+
+    metrics = LanguageMetrics()
+    engine = RecordingEngine(language_model, BatchingConfig())
+    engine.observer = metrics
+    metrics.watch(engine.stats)
+    first = request("first", packed, "What is the astronaut holding?", 4)
+    follow = request("follow", packed, "Describe the colours of the suit.", 4)
+    try:
+        for r in (first, follow):
+            asyncio.run(collect(engine, r))
+        text = generate_latest(metrics.registry).decode()
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    def value(name):
+        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+    tokens = sum(language_model.prompt_tokens(r) for r in (first, follow))
+    hits = value("hero_language_prefix_cache_hit_tokens_total")
+    assert value("hero_language_prefix_cache_query_tokens_total") == tokens
+    assert hits >= (7 + packed.num_embeddings) // 16 * 16 and hits % 16 == 0
+    assert value("hero_language_prefix_cache_hit_rate") == pytest.approx(hits / tokens)
+    assert value("hero_language_kv_blocks_cached") == stats.kv_blocks_cached >= hits // 16
+    assert value("hero_language_kv_blocks_free") == stats.kv_blocks_free == 1024
+    assert value("hero_language_preemptions_total") == 0

@@ -2,15 +2,15 @@
 
 Admission. A waiting sequence is admitted when the batch has a place
 (`max_batch_size`) and the pool has the blocks of its prompt that the prefix cache does
-not already hold (with `reserve`, of its prompt and `max_new_tokens`, the engine's
-earlier policy). While other sequences run, a few blocks stay back (`watermark`) for
-them to grow into. Waiting sequences are considered oldest first; one that does not fit
-yet is passed by later ones that do, but by at most `max_bypass` of them: after that,
-nothing is admitted past it until it fits. Since no new sequence then takes KV, it is
-admitted at the latest when the sequences running at that moment have ended (each
-within its max_new_tokens decode steps), so a large request waits for at most
-`max_bypass` admissions plus one drain of the batch. `max_bypass=0` is first come, first
-served.
+not already hold (with `reserve`, of its prompt and `max_new_tokens`: no growth, no
+preemption). While other sequences run, a few blocks stay back (`watermark`) for them
+to grow into. Waiting sequences are considered oldest first; one that does not fit yet
+is passed by later ones that do, but by at most `max_bypass` of them: after that,
+nothing behind it is admitted before it. Since no new sequence then takes KV, it is
+admitted at the latest when the sequences running at that moment (and any older ones
+waiting ahead of it, bounded alike) have ended, each within its max_new_tokens decode
+steps: a large request waits for at most `max_bypass` admissions plus one drain of the
+batch. `max_bypass=0` is first come, first served.
 
 Growth and preemption. A decoding sequence takes a new block when its next token
 starts one. When the pool has none left, the youngest running sequence (latest
@@ -154,14 +154,14 @@ class Scheduler:
     def decoding(self) -> list[Sequence]:
         """The sequences that decode this step, each with a block for its next token;
         when the pool runs out, the youngest running sequences are preempted."""
+        order = sorted(self.running, key=lambda s: s.submitted_at)  # oldest first, stable
         batch = []
-        for seq in sorted((s for s in self.running if s.status is Status.DECODE),
-                          key=lambda s: s.submitted_at):
-            if seq.status is not Status.DECODE:  # preempted for an older one
+        for seq in order:
+            if seq.status is not Status.DECODE:  # prefilling, or preempted for an older one
                 continue
             if seq.cached >= len(seq.blocks) * self.blocks.block_size:
                 while not self.blocks.available and seq.status is Status.DECODE:
-                    self.preempt(max(self.running, key=lambda s: s.submitted_at))
+                    self.preempt(next(s for s in reversed(order) if s in self.running))
                 if seq.status is not Status.DECODE:
                     continue
                 self._grow(seq)
