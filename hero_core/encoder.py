@@ -157,6 +157,19 @@ class VisionEncoder:
     def param(self) -> torch.Tensor:
         return next(self.tower.parameters())
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of the features `encode` returns (the tower's hidden size)."""
+        tower: Any = self.tower
+        return int(tower.config.hidden_size)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the crop embeddings `encode` returns: the visual projection's output,
+        or without one the tower's hidden size."""
+        projection: Any = self.visual_projection
+        return int(projection.out_features) if projection is not None else self.feature_dim
+
     def attention_site(self, layer: int) -> AttentionSite:
         """The q/k projections of block `layer` (0-based)."""
         if not 0 <= layer < self.num_layers:

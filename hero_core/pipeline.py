@@ -1,9 +1,9 @@
-"""One image and one question in, packed tokens out: tile, encode, select, pack."""
+"""One image and one question in, packed tokens out: `Pruner` runs the two stages of
+`hero_core.stages` (the image's entry, then this question's selection), with timings."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,11 +12,14 @@ import torch
 from PIL import Image
 
 from hero_core.config import DEFAULT_LIMITS, Limits
-from hero_core.encoder import EncodedCrops, RelevanceEncoder, VisionEncoder
-from hero_core.errors import ConfigError, InvalidRatioError, PromptTooLongError
+from hero_core.encoder import RelevanceEncoder, VisionEncoder
+from hero_core.errors import ConfigError
 from hero_core.methods import PruningMethod
-from hero_core.packing import PackedTokens, Selection, pack_tokens
-from hero_core.tiling import TileGrid, TilingSpec, tile_image
+from hero_core.packing import PackedTokens, Selection
+from hero_core.stages import ImageStage, check_prompt, check_ratio, select_tokens
+from hero_core.tiling import TileGrid, TilingSpec
+
+__all__ = ["PruneResult", "Pruner", "check_prompt", "check_ratio"]
 
 
 @dataclasses.dataclass
@@ -32,22 +35,6 @@ class PruneResult:
     notes: tuple[str, ...] = ()
     """Facts about how the result was made that a reader must not miss, e.g. that the
     question could not steer the tile budgets (see `Pruner.relevance_note`)."""
-
-
-def check_ratio(ratio: float) -> float:
-    """`ratio` if it is a retention in (0, 1], else `InvalidRatioError`."""
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
-        raise InvalidRatioError(f"retention ratio must be in (0, 1], got {ratio!r}; "
-                                "e.g. 0.111 keeps about 320 of 2880 tokens")
-    return float(ratio)
-
-
-def check_prompt(text: str, limits: Limits) -> str:
-    """`text` if it is within `limits.max_prompt_chars`, else `PromptTooLongError`."""
-    if len(text) > limits.max_prompt_chars:
-        raise PromptTooLongError(f"prompt is {len(text)} characters, above max_prompt_chars="
-                                 f"{limits.max_prompt_chars}; shorten it")
-    return text
 
 
 @contextmanager
@@ -68,6 +55,7 @@ class Pruner:
                               f"{vision.kind}, or text=None (tile budgets then use saliency "
                               "only)")
         self.vision, self.tiling, self.text, self.limits = vision, tiling, text, limits
+        self.stage = ImageStage(vision, tiling, limits=limits)
 
     def relevance_note(self, method: PruningMethod) -> str | None:
         """Why a question-using method cannot use the question here, or None if it can."""
@@ -80,10 +68,7 @@ class Pruner:
 
     def check_method(self, method: PruningMethod) -> None:
         """Refuse methods that read layers this tower does not have."""
-        for layer in (*method.attention_layers(), *method.key_layers()):
-            if not 0 <= layer < self.vision.num_layers:
-                raise ConfigError(f"{method.name} reads layer {layer} but the vision tower has "
-                                  f"{self.vision.num_layers} layers")
+        self.stage.check_method(method)
 
     def embed_question(self, question: str, method: PruningMethod) -> torch.Tensor | None:
         """The question's embedding (CLIP text tower or another `RelevanceEncoder`) when the
@@ -92,45 +77,21 @@ class Pruner:
             return None
         return self.text.embed(question)
 
-    def prune(self, image: Image.Image, question: str, method: PruningMethod,
+    def prune(self, image: Image.Image | bytes, question: str, method: PruningMethod,
               ratio: float) -> PruneResult:
-        """Prune one image; see `PruneResult`."""
+        """Prune one image (a picture, or encoded bytes to decode); see `PruneResult`."""
         ratio = check_ratio(ratio)
         check_prompt(question, self.limits)
         self.check_method(method)
         timings: dict[str, float] = {}
         with _timed(timings, "tile"):
-            pixels, grid = tile_image(image, self.tiling)
+            tiled = self.stage.tile(image)
         with _timed(timings, "encode"):
-            crops = self.vision.encode(pixels, method.attention_layers(), method.key_layers())
+            entry = self.stage.entry(tiled, method, ratio)
         with _timed(timings, "text"):
             question_embed = self.embed_question(question, method)
         with _timed(timings, "select"):
-            selection = method.select(crops, grid, ratio, question_embed)
-        if kept(selection) == 0:
-            low = smallest_ratio(method, crops, grid, question_embed, ratio)
-            raise InvalidRatioError(f"retention {ratio:g} keeps no token of this image "
-                                    f"({grid.rows}x{grid.cols} grid, method {method.name}); "
-                                    f"the smallest retention that keeps one is {low:g}")
-        with _timed(timings, "pack"):
-            packed = pack_tokens(selection, crops.features, grid)
+            selected = select_tokens(entry, method, ratio, question_embed)
         note = self.relevance_note(method)
-        return PruneResult(packed, selection, grid, method.name, ratio, timings,
-                           notes=(note,) if note else ())
-
-
-def kept(selection: Selection) -> int:
-    """Tokens a selection keeps over all crops."""
-    return sum(int(indices.numel()) for indices in selection.indices)
-
-
-def smallest_ratio(method: PruningMethod, crops: EncodedCrops, grid: TileGrid,
-                   question: torch.Tensor | None, keeps_none: float) -> float:
-    """The smallest retention, rounded up to 3 significant digits, at which `method`
-    keeps at least one token of this image (selection only: the crops are encoded)."""
-    low, high = keeps_none, 1.0
-    for _ in range(40):  # more retention never keeps fewer tokens
-        mid = (low + high) / 2
-        low, high = (low, mid) if kept(method.select(crops, grid, mid, question)) else (mid, high)
-    scale = math.pow(10, 2 - math.floor(math.log10(high)))
-    return min(1.0, math.ceil(high * scale) / scale)
+        return PruneResult(selected.packed, selected.selection, entry.grid, method.name, ratio,
+                           timings, notes=(note,) if note else ())

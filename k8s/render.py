@@ -67,6 +67,26 @@ def proxy_env() -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in args.proxy_env().items()]
 
 
+PRESTOP_S = 5
+"""A stopping pod waits this long (preStop) before it drains, so the Service's endpoints and
+ingress-nginx stop sending it new calls first."""
+PROXY_DRAIN_S = 30
+"""Serve keeps a draining node's proxy at least this long (its
+RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S) before it lets the node go."""
+POD_MARGIN_S = 25
+"""Ray's own teardown after the drain, within the pod's termination grace."""
+
+
+def ray_drain_s() -> int:
+    """How long a stopping Ray pod drains its node (`ray start`'s
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S): Serve moves the node's replicas, each finishing
+    its calls within the VisionIngress deployment's graceful_shutdown_timeout_s, and drains
+    the node's proxy."""
+    from services.vision.drain import ingress_grace_s
+
+    return int(ingress_grace_s(serve_config(gpu=False))) + PROXY_DRAIN_S
+
+
 # Ray's object store lives in /dev/shm: each group's in-memory shm volume holds its store
 # with room to spare (Ray falls back to disk when the store does not fit, and torch and
 # NCCL share the same volume), and the memory limit, which the volume counts against,
@@ -113,6 +133,9 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
         "imagePullPolicy": "IfNotPresent",
         "env": [
             {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+            # On SIGTERM `ray start` drains its node for up to this long before it stops:
+            # Serve's proxy there stops taking calls and its replicas move, finishing theirs.
+            {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(ray_drain_s())},
             *proxy_env(),
             {"name": "HERO_VISION_CACHE__PASSWORD",
              "valueFrom": {"secretKeyRef": {"name": "hero-redis-auth", "key": "password"}}},
@@ -130,6 +153,7 @@ def _container(name: str, ports: list[tuple[str, int]], cpu: str, memory: str) -
              "valueFrom": {"secretKeyRef": {"name": "hero-cache-secret", "key": "secret"}}},
         ],
         "ports": [{"name": p, "containerPort": n} for p, n in ports],
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}},
         "readinessProbe": _probe(node, live=False),
         "livenessProbe": _probe(node, live=True),
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
@@ -143,6 +167,7 @@ def _pod(container: dict[str, Any], node: str) -> dict[str, Any]:
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "hero-vision"}},
         "spec": {
+            "terminationGracePeriodSeconds": PRESTOP_S + ray_drain_s() + POD_MARGIN_S,
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import io
 import os
 import random
@@ -33,75 +32,29 @@ from hero.vision.v1 import vision_pb2_grpc
 from PIL import Image
 
 from loadtest.arrivals import poisson_offsets
+from loadtest.bench import machine
 from loadtest.runner import photo_variant
-from services.common.auth import bearer_metadata as bearer
-from services.sdk.vision import call_metadata, generate_request, prune_request
-
-TOKEN = "soak-token"
-DEGRADED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
-GRACE_S = 10.0
-"""A request without a final status this long after its deadline counts as lost."""
-MEMORY_PERIOD_S = 15.0
-"""How often the fault-free third samples each process's RSS."""
-
-
-# ---- traffic --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """One kind of request in the mix."""
-
-    name: str
-    weight: float
-    expected: str
-    """The status this request deserves when nothing is failing."""
-    what: str
-
-
-KINDS = (
-    Kind("hit", 0.34, "OK", "Generate, 8 tokens, an image sent before (cache hit)"),
-    Kind("miss", 0.12, "OK", "Generate, 8 tokens, a new image (encode + store)"),
-    Kind("prune", 0.12, "OK", "Prune: the pruned tokens themselves, float16"),
-    Kind("cancel", 0.05, "CANCELLED", "a long answer the client cancels after its first text"),
-    Kind("deadline", 0.05, "DEADLINE_EXCEEDED", "a long answer with a 1 s client deadline"),
-    Kind("garbage-image", 0.04, "INVALID_ARGUMENT", "image bytes that are not an image"),
-    Kind("pixel-bomb", 0.04, "INVALID_ARGUMENT", "a 10000x8000 PNG of 12 kB (pixel limit)"),
-    Kind("bad-retention", 0.04, "INVALID_ARGUMENT", "retention 1.5"),
-    Kind("bad-method", 0.04, "INVALID_ARGUMENT", "an unknown pruning method"),
-    Kind("bad-params", 0.04, "INVALID_ARGUMENT", "max_new_tokens 0"),
-    Kind("long-prompt", 0.04, "INVALID_ARGUMENT", "a 20,000-character prompt"),
-    Kind("unknown-image", 0.04, "NOT_FOUND", "an image_id the service never saw"),
-    Kind("bad-token", 0.04, "UNAUTHENTICATED", "a wrong bearer token"),
+from loadtest.soak_plan import (
+    GRACE_S,
+    KINDS,
+    LONG,
+    MEMORY_PERIOD_S,
+    TOKEN,
+    Fault,
+    Kind,
+    Result,
+    verdict,
 )
-LONG = {"max_new_tokens": 4096, "ignore_eos": True}
+from loadtest.soak_report import report
+from services.common.auth import bearer_metadata as bearer
+from services.local import LocalSystem, free_port
+from services.sdk.vision import call_metadata, generate_request, prune_request
 
 
 def pixel_bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("1", (10_000, 8_000)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@dataclasses.dataclass
-class Result:
-    """What became of one request."""
-
-    kind: str
-    sent_s: float
-    """Seconds since the run started."""
-    code: str = "LOST"
-    latency_s: float = 0.0
-    verdict: str = "lost"
-    details: str = ""
-    """The status message, kept for outcomes other than the expected one."""
-
-
-def verdict(kind: Kind, code: str) -> str:
-    if code == kind.expected:
-        return "expected"
-    if code in DEGRADED:
-        return "degraded"
-    return "lost" if code == "LOST" else "other"
 
 
 class Traffic:
@@ -171,18 +124,6 @@ class Traffic:
 
 
 # ---- faults ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Fault:
-    """One injected fault and the window of requests it may affect."""
-
-    name: str
-    what: str
-    start_s: float
-    end_s: float = 0.0
-    recovered_s: float | None = None
-    """Seconds from the fault's end to the first answer of a request sent after it."""
-
 
 class Injector:
     """Breaks and repairs parts of a `LocalSystem` on a schedule."""
@@ -372,10 +313,6 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--out", type=Path, default=Path("out/RELIABILITY.md"))
     args = parser.parse_args()
-
-    from loadtest.bench import machine
-    from loadtest.soak_report import report
-    from services.local import LocalSystem, free_port
 
     system = LocalSystem("tiny", args.models_dir, grpc_port=free_port(), num_cpus=2,
                          language_env={"HERO_LANGUAGE_LIMITS__MAX_NEW_TOKENS":

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from loadtest.soak import GRACE_S, KINDS, LONG, MEMORY_PERIOD_S, Fault, Result
+from loadtest.soak_plan import GRACE_S, KINDS, LONG, MEMORY_PERIOD_S, Fault, Result
 from loadtest.stats import percentile
 from services.vision.config import CacheConfig
 
@@ -141,22 +141,57 @@ def memory(run: dict[str, Any]) -> list[str]:
             "eviction bounds it.", ""]
 
 
+def shutdown_line() -> str:
+    """What SIGTERM does, with the drains the code and the Serve config set."""
+    from services.language.config import LanguageConfig
+    from services.vision.drain import ingress_grace_s
+    from services.vision.runner import SERVE_CONFIG
+
+    language = LanguageConfig.model_fields["shutdown_grace_s"].default
+    vision = ingress_grace_s(yaml.safe_load(SERVE_CONFIG.read_text()))
+    return ("* **Shutdown drains instead of cutting answers.** On SIGTERM the language "
+            "service reports NOT_SERVING and refuses new calls with UNAVAILABLE while its "
+            f"running answers finish (`shutdown_grace_s`, {language:g} s: the vision "
+            "service's longest language call); the vision service's single-node runner "
+            "does the same for the app (the VisionIngress deployment's "
+            f"`graceful_shutdown_timeout_s`, {vision:g} s) before it stops Serve, and on "
+            "Kubernetes a stopping Ray pod drains its node at least as long. What outlives "
+            "the grace ends with UNAVAILABLE (retryable), never CANCELLED or a cut stream.")
+
+
 TOKEN_PATH = [
     "* **One encoding per image, with no shared failure.** Concurrent misses share one "
     "encoding; what belongs to one request alone (fetching its image by id, checking its "
     "prompt with the language service) runs before it encodes, so a request that sent the "
     "bytes never inherits another's NOT_FOUND or INVALID_ARGUMENT. The encoding runs in a "
-    "task of its own: a request that is cancelled or reaches its deadline stops waiting, "
-    "the encoding completes for the others and lands in the cache.",
+    "task of its own, outside the Serve request that started it (Ray cancels a request's "
+    "calls to other deployments with it): a request that is cancelled or reaches its "
+    "deadline stops waiting, the encoding completes for the others and lands in the cache.",
     f"* **A dead replica stalls an image for at most `cache.lock_ttl_s` ({LOCK_TTL_S:g} s).** "
     "The cross-replica lock holds a random token, is renewed every third of its lifetime "
     "while the owner encodes, and is released only by its owner; a waiter gives up at its "
     "own deadline with DEADLINE_EXCEEDED.",
     "* **Redis down:** tokens are a miss (encoded again), an `image_id` request is "
     "UNAVAILABLE (retryable: the image is not lost, only unreachable).",
+    "* **A stored value serves a correct answer or is rebuilt.** Every shipped "
+    "configuration signs cache values (HMAC-SHA256 with `cache.secret`: `hero serve` makes "
+    "one per run, Compose and Kubernetes require one, and the service refuses to start "
+    "against Redis without one unless `cache.allow_unsigned`), so a Redis writer cannot "
+    "forge or move an entry. A value is also checked, when it is read, against what the "
+    "encoder makes (an image size within the pixel limit, one ranking per crop of "
+    "the method's length, features and state of the encoder's widths and dtypes, all "
+    "finite; record headers bounded in size and nesting before they are parsed). Any "
+    "failure decoding or using it, whatever the exception, counts it `corrupt`: it is "
+    "deleted and rebuilt from the request's image bytes, or the stored image of an "
+    "`image_id` (an id alone whose image is gone gets NOT_FOUND: send the image again).",
     "* **Deadlines:** a language call is never retried once the client's deadline cannot "
     "fit the backoff, and a call that ends past the deadline is DEADLINE_EXCEEDED, "
-    "whatever grpc reported (a stream cut mid-upload shows as INTERNAL).",
+    "whatever grpc reported (a stream cut mid-upload shows as INTERNAL; a language call "
+    "grpc.aio cancels itself when its deadline passes as its request stream closes shows "
+    "as a CancelledError), never CANCELLED.",
+    "* **Cancels:** a client's cancel reaches the ingress and its language call through "
+    "Serve's proxy wherever the proxy is when it lands (`services.vision.api.relay`), so "
+    "the language service frees the sequence within a second.",
     "* **Health:** `grpc.health.v1.Health/Check` on the public port is NOT_SERVING while "
     "the language service does not answer (checked at most once a second).",
     "* **One request's numbers end only its own answer.** Every accepted temperature "
@@ -166,6 +201,7 @@ TOKEN_PATH = [
     "one whose sampling, text or decode forward fails ends alone with INTERNAL. The "
     "batch's other sequences, and later ones on its KV slots, go on unaffected: their "
     "logits differ from their alone run's by fp32 rounding only, as beside any request.",
+    shutdown_line(),
 ]
 """How the token path behaves under failure (fixed text of the report)."""
 
@@ -196,8 +232,21 @@ TESTED = [
      "tests/integration/test_system_faults.py"),
     ("encoder replica killed: clear codes, Serve replaces it",
      "tests/integration/test_system_faults.py"),
-    ("client cancel and deadline stop the generation in the language service",
-     "tests/integration/test_system_overload.py"),
+    ("client cancel and deadline stop the generation in the language service; every one "
+     "of 12 client cancels frees its sequence within a second; a cancelled first request "
+     "does not fail those waiting for its encoding",
+     "tests/integration/test_system_overload.py, test_system_door.py, "
+     "tests/service/test_cancel_paths.py"),
+    ("hero-timeout-ms 0..20 (200 calls, with and without a gRPC deadline) is always "
+     "DEADLINE_EXCEEDED, never CANCELLED", "tests/integration/test_system_door.py, "
+     "tests/service/test_cancel_paths.py, test_vision_door.py"),
+    ("metadata is read after the token: any hero-timeout-ms value that is not one (huge, "
+     "overflowing, negative, NaN, non-ASCII, repeated) is INVALID_ARGUMENT saying what to "
+     "send; every request field is bounded, naming the field and the limit; anything "
+     "unexpected is INTERNAL with only the request id",
+     "tests/service/test_vision_door.py, tests/integration/test_system_door.py"),
+    ("a request within every limit never meets a transport limit (the language service's "
+     "receive limit, the proxy's request bound)", "tests/service/test_wire_limits.py"),
     ("past the language queue: RESOURCE_EXHAUSTED at once",
      "tests/integration/test_system_overload.py, tests/service/test_language.py"),
     ("one sequence cancelled, past its deadline or failing leaves the batch's others "
@@ -209,11 +258,27 @@ TESTED = [
      "completes or ends alone; tiny temperatures beside greedy calls end no call",
      "tests/unit/test_isolation.py, test_sampling.py, "
      "tests/service/test_language_isolation.py"),
+    ("SIGTERM drains: answers running finish, new calls get UNAVAILABLE and health "
+     "NOT_SERVING, answers past the grace end UNAVAILABLE; pods' termination grace covers "
+     "preStop and drain",
+     "tests/service/test_language_shutdown.py, test_vision_shutdown.py, "
+     "tests/integration/test_system_sigterm.py, test_system_shutdown.py, "
+     "tests/unit/test_deploy_shutdown.py"),
     ("corrupt, mismatched or forged cache entries (another key, another image, no valid "
      "MAC when a secret is set, a layout out of range) and stored images that do not hash "
      "to their id are dropped and re-encoded, never served",
      "tests/unit/test_cache_entry.py, tests/service/test_cache_redis.py, "
      "test_vision_tokens.py"),
+    ("fuzzed poisoned records that pass the envelope and CRC checks (headers "
+     "nested, oversized or of the wrong types; bad image sizes and grids; tensors of half "
+     "width, extra rows, another dtype, NaN; a selection keeping nothing) are dropped and "
+     "rebuilt, and every request "
+     "gets the tokens of an uncached one",
+     "tests/service/test_cache_poison.py, tests/unit/test_serialization.py, "
+     "test_cache_entry.py"),
+    ("the vision service refuses to start against Redis without a cache secret unless "
+     "allowed; every shipped deployment requires one",
+     "tests/unit/test_config.py, test_deploy_compose.py"),
 ]
 """What the soak exercises statistically, and where each behaviour is tested exactly."""
 

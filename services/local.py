@@ -12,12 +12,14 @@ import contextlib
 import copy
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -185,13 +187,27 @@ def serve_config(args: dict[str, Any], grpc_port: int, http_port: int,
     return config
 
 
+CACHE_SECRET_ENV = "HERO_VISION_CACHE__SECRET"
+
+
+def with_cache_secret(env: dict[str, str]) -> dict[str, str]:
+    """`env` with a random key for the cache entries' HMAC, made for this run, unless
+    `env` or this process's environment already sets one (runs that share a Redis then
+    share their entries)."""
+    if env.get(CACHE_SECRET_ENV) or os.environ.get(CACHE_SECRET_ENV):
+        return env
+    return {**env, CACHE_SECRET_ENV: secrets.token_hex(32)}
+
+
 class LocalSystem:
     """Redis (private unless a URL is given) + language service + vision app.
 
     Like a deployment, each service refuses to start without API tokens (from this
     process's environment: HERO_LANGUAGE_API_TOKENS, HERO_VISION_API_TOKENS) unless
     `allow_unauthenticated` turns authentication off explicitly for both (local use);
-    tokens, where given, are required all the same."""
+    tokens, where given, are required all the same. The vision replicas sign their cache
+    entries with a key made for this run (`with_cache_secret`), so whoever else can
+    write to the Redis cannot forge them."""
 
     def __init__(self, model: str = "tiny", models_dir: Path = Path("models"),
                  redis_url: str | None = None, grpc_port: int = 9000,
@@ -212,7 +228,7 @@ class LocalSystem:
                 **({"allow_unauthenticated": True} if allow_unauthenticated else {}),
                 **(vision_args or {})}
         self.args = args
-        self.vision_env = dict(vision_env or {})
+        self.vision_env = with_cache_secret(dict(vision_env or {}))
         """`HERO_VISION_*` variables for the vision app's replicas (this process keeps its
         own environment)."""
         self.grpc_port, self.num_cpus = grpc_port, num_cpus
@@ -248,8 +264,11 @@ class LocalSystem:
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, hurry: threading.Event | None = None) -> None:
+        """Drain the vision app (its running answers finish; `hurry` cuts the drain short),
+        then stop it, then the language service (which the answers needed) and Redis."""
         if self.app is not None:
+            self.app.drain(hurry=hurry)
             self.app.stop()
             self.app = None
         self.language.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models"
+
+def only_loopback() -> bool:
+    """Whether this process sees no network but loopback (`.ci/isolated`'s namespace)."""
+    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+
 
 LIBRARY_DEFAULTS = frozenset({"RAY_CLIENT_MODE", "TORCHINDUCTOR_CACHE_DIR"})
 """Variables a library sets to its own default the first time it is imported or used
@@ -80,6 +86,15 @@ def language_model(tiny_dir: Path):
     from services.language.model import LanguageModel
 
     return LanguageModel(resolve_spec("tiny", tiny_dir.parent))
+
+
+@pytest.fixture(scope="session")
+def embeddings_model(tiny_dir: Path):
+    """The tiny checkpoint's embedding parts only (what the vLLM engine loads)."""
+    from hero_core.models import resolve_spec
+    from services.language.model import LanguageModel
+
+    return LanguageModel(resolve_spec("tiny", tiny_dir.parent), parts="embeddings")
 
 
 @pytest.fixture(scope="session")

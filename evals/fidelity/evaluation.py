@@ -1,8 +1,9 @@
 """Train the answer model (all tokens and subsets), then score it on what each method keeps.
 
-A method sees one mosaic's `EncodedCrops` and `TileGrid` (from the crop table) and
-returns a `Selection`; `hero_core.packing.pack_tokens` turns it into the kept tokens
-with their crop and position, exactly as the serving path does. VisionZip's merged
+A method sees one mosaic's `EncodedCrops` and `TileGrid` (from the crop table) through
+the two stages the serving path runs (`hero_core.stages.prune_crops`: `rank_image`, the
+part of stage 1 after the tower pass, then `select_tokens`), so what it keeps, with its
+crop and position, is exactly what the service would send. VisionZip's merged
 contextual tokens arrive with their merged features at their target's position.
 """
 
@@ -28,7 +29,8 @@ from evals.fidelity.data import NAMED_KINDS
 from evals.fidelity.features import CropTable, EncodedSplit, TokenProjection
 from hero_core.encoder import EncodedCrops
 from hero_core.methods import PruningMethod, create_method
-from hero_core.packing import Selection, pack_tokens
+from hero_core.packing import PackedTokens, Selection, pack_tokens
+from hero_core.stages import prune_crops
 from hero_core.tiling import TileGrid
 
 TokenSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -58,12 +60,17 @@ class QuestionTable:
         return cls(words, answers, [[q.kind for q in m.questions] for m in split.mosaics])
 
 
-def kept_tokens(selection: Selection, features: torch.Tensor, grid: TileGrid,
-                projection: TokenProjection) -> TokenSet:
-    """The kept tokens of a selection, packed as the serving path packs them, projected."""
-    packed = pack_tokens(selection, features, grid)
+def token_set(packed: PackedTokens, grid: TileGrid, projection: TokenProjection) -> TokenSet:
+    """Packed kept tokens as the answer model reads them, projected."""
     position = packed.row.long() * grid.side + packed.col.long()
     return projection(packed.features), packed.crop.long(), position
+
+
+def kept_tokens(selection: Selection, features: torch.Tensor, grid: TileGrid,
+                projection: TokenProjection) -> TokenSet:
+    """The kept tokens of a selection made outside the stages (a reference to check
+    them against), packed as the serving path packs them, projected."""
+    return token_set(pack_tokens(selection, features, grid), grid, projection)
 
 
 def training_batches(projected: torch.Tensor, attention: torch.Tensor, split: EncodedSplit,
@@ -279,11 +286,10 @@ def select_split(method: PruningMethod, table: CropTable, split: EncodedSplit, r
     """Run `method` at `ratio` on every mosaic of a split (no question: relevance off)."""
     sets, stats = [], SelectionStats()
     for i, grid in enumerate(split.grids):
-        crops = table.encoded(split.rows[i])
-        selection = method.select(crops, grid, ratio, None)
-        sets.append(kept_tokens(selection, crops.features, grid, projection))
+        selected = prune_crops(table.encoded(split.rows[i]), grid, method, ratio)
+        sets.append(token_set(selected.packed, grid, projection))
         blank = [c.image is None for c in split.mosaics[i].cells]
-        stats.add(selection, split.object_patches[i], blank)
+        stats.add(selected.selection, split.object_patches[i], blank)
     return sets, stats
 
 

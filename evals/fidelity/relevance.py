@@ -20,8 +20,11 @@ from collections.abc import Sequence
 import torch
 
 from evals.fidelity.data import NAMED_KINDS
-from evals.fidelity.features import CropTable, EncodedSplit
+from evals.fidelity.features import DEFAULT_CACHE_DIR, CropTable, EncodedSplit
+from evals.fidelity.prepare import RunConfig, prepare
 from hero_core.config import require
+from hero_core.dinov2 import load_dinov2
+from hero_core.encoder import VisionEncoder
 from hero_core.relevance import (
     DINOV2_RELEVANCE_PATH,
     SentenceEncoder,
@@ -155,11 +158,6 @@ def fit_relevance(table: CropTable, splits: dict[str, EncodedSplit], sentence: S
 def main(argv: Sequence[str] | None = None) -> None:
     """Encode the benchmark's mosaics (cache first), learn the projection, report it and,
     with `--write`, store it where hero_core loads it from."""
-    from evals.fidelity.features import DEFAULT_CACHE_DIR
-    from evals.fidelity.run import RunConfig, prepare
-    from hero_core.dinov2 import load_dinov2
-    from hero_core.encoder import VisionEncoder
-
     parser = argparse.ArgumentParser(prog="python -m evals.fidelity.relevance")
     parser.add_argument("--write", action="store_true",
                         help=f"write the projection to {DINOV2_RELEVANCE_PATH}")

@@ -1,10 +1,11 @@
 """Question-dependent selections: HERO with its relevance term, scored question by question.
 
 With relevance on, HERO's tile budgets depend on the question, so one mosaic can keep a
-different token set for each of its questions. Its ranking depends on the image alone
-(`RankedMethod.rank`), so each mosaic is ranked once and only the budgets are computed
-per question; questions whose budgets agree share one token set, and the answer model
-reads each distinct set once with all of its questions.
+different token set for each of its questions. Its ranking depends on the image alone,
+so each mosaic's entry is made once (`hero_core.stages.rank_image`) and each question
+selects from it (`select_tokens`), as the service serves a cached image; questions
+that keep the same tokens share one token set, and the answer model reads each
+distinct set once with all of its questions.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from evals.fidelity.evaluation import (
     TokenSet,
     accuracy_by_kind,
     correct_answers,
-    kept_tokens,
+    token_set,
 )
 from evals.fidelity.features import CropTable, EncodedSplit, TokenProjection
-from hero_core.methods.base import RankedMethod, select_prefixes
+from hero_core.methods.base import RankedMethod
+from hero_core.stages import Selected, entry_origin, prune_crops, rank_image, select_tokens
 
 
 @dataclasses.dataclass
@@ -78,20 +80,20 @@ def route_split(method: RankedMethod, table: CropTable, split: EncodedSplit, rat
     groups: list[tuple[int, list[int]]] = []
     stats, target_tokens = SelectionStats(), []
     for i, grid in enumerate(split.grids):
-        crops = table.encoded(split.rows[i])
-        ranking = method.rank(crops, grid)
-        by_budget: dict[tuple[int, ...], list[int]] = {}
+        entry = rank_image(table.encoded(split.rows[i]), grid, method,
+                           entry_origin(method, ratio))
+        by_budget: dict[tuple[int, ...], tuple[Selected, list[int]]] = {}
         for j, question in enumerate(split.mosaics[i].questions):
-            budgets = method.budgets(ranking, grid, ratio, embeds[question.text])
-            by_budget.setdefault(tuple(budgets), []).append(j)
+            selected = select_tokens(entry, method, ratio, embeds[question.text])
+            budgets = tuple(selected.selection.counts)
+            by_budget.setdefault(budgets, (selected, []))[1].append(j)
             if question.kind in NAMED_KINDS and question.target is not None:
-                target_tokens.append(target_and_others(budgets[1:], question.target))
+                target_tokens.append(target_and_others(list(budgets[1:]), question.target))
         blank = [c.image is None for c in split.mosaics[i].cells]
-        for budgets, idx in by_budget.items():
-            selection = select_prefixes(ranking, list(budgets))
-            sets.append(kept_tokens(selection, crops.features, grid, projection))
+        for selected, idx in by_budget.values():
+            sets.append(token_set(selected.packed, grid, projection))
             groups.append((i, idx))
-            stats.add(selection, split.object_patches[i], blank)
+            stats.add(selected.selection, split.object_patches[i], blank)
     return RoutedSplit(sets, group_rows(questions, groups), groups, stats, target_tokens)
 
 
@@ -126,7 +128,7 @@ def target_budgets(method: RankedMethod, table: CropTable, split: EncodedSplit,
                    if q.kind in NAMED_KINDS and q.target is not None]
         if not targets:
             continue
-        tiles = method.budgets(method.rank(table.encoded(split.rows[i]), grid), grid, ratio,
-                               None)[1:]
+        tiles = prune_crops(table.encoded(split.rows[i]), grid, method,
+                            ratio).selection.counts[1:]
         pairs += [target_and_others(tiles, t) for t in targets]
     return mean_pair(pairs)

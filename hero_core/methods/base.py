@@ -88,6 +88,18 @@ class RankedMethod(PruningMethod):
                 question: torch.Tensor | None) -> list[int]:
         """Tokens to keep per crop, each at most `ranking.caps[i]`."""
 
+    def ranking_lengths(self, grid: TileGrid) -> list[int]:
+        """How long each crop's ranking from `rank` is for `grid` (a cache reader checks
+        stored entries against it): every unpadded token, unless the method caps it."""
+        return valid_counts(grid)
+
+    def state_shapes(self, grid: TileGrid,
+                     embed_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each `Ranking.state` tensor `rank` returns for `grid` when
+        crop embeddings are `embed_dim` wide (a cache reader checks stored entries
+        against it)."""
+        return {}
+
     def select(self, crops: EncodedCrops, grid: TileGrid, ratio: float,
                question: torch.Tensor | None) -> Selection:
         ranking = self.rank(crops, grid)

@@ -63,6 +63,10 @@ class Hired(RankedMethod):
         order = rank_crops(crops.attention[self.config.select_layer], grid)
         return Ranking(order, {"tile_weights": hits})
 
+    def state_shapes(self, grid: TileGrid,
+                     embed_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"tile_weights": ((grid.num_crops - 1,), torch.float64)}
+
     def budgets(self, ranking: Ranking, grid: TileGrid, ratio: float,
                 question: torch.Tensor | None) -> list[int]:
         caps = ranking.caps
@@ -105,6 +109,10 @@ class GlobalCom2(RankedMethod):
         share = share[1:] / share[1:].sum().clamp_min(1e-12)
         p = torch.softmax(self.config.sharpness * share, 0)
         return Ranking(rank_crops(scores, grid), {"tile_ratio": 1.0 + p - p.mean()})
+
+    def state_shapes(self, grid: TileGrid,
+                     embed_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"tile_ratio": ((grid.num_crops - 1,), torch.float64)}
 
     def budgets(self, ranking: Ranking, grid: TileGrid, ratio: float,
                 question: torch.Tensor | None) -> list[int]:

@@ -13,7 +13,7 @@ import torch
 from hero_core.budget import allocate, round_half_up, total_budget, zscore
 from hero_core.config import require
 from hero_core.encoder import EncodedCrops
-from hero_core.methods.base import RankedMethod, Ranking, rank_valid
+from hero_core.methods.base import RankedMethod, Ranking, rank_valid, valid_counts
 from hero_core.tiling import TileGrid
 
 
@@ -112,6 +112,13 @@ class Hero(RankedMethod):
         order += [rank_valid(stage1[i], valid[i]) for i in range(1, grid.num_crops)]
         state = {"embeds": crops.image_embeds.float().cpu()}
         return Ranking([o[: cfg.max_tokens_per_crop].cpu() for o in order], state)
+
+    def ranking_lengths(self, grid: TileGrid) -> list[int]:
+        return [min(n, self.config.max_tokens_per_crop) for n in valid_counts(grid)]
+
+    def state_shapes(self, grid: TileGrid,
+                     embed_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"embeds": ((grid.num_crops, embed_dim), torch.float32)}
 
     def budgets(self, ranking: Ranking, grid: TileGrid, ratio: float,
                 question: torch.Tensor | None) -> list[int]:

@@ -26,7 +26,8 @@ import torch
 from hero_core.encoder import EncodedCrops
 from hero_core.methods import create_method
 from hero_core.models import resolve_spec
-from hero_core.packing import PackedTokens, pack_tokens
+from hero_core.packing import PackedTokens
+from hero_core.stages import prune_crops
 from hero_core.tiling import TilingSpec, plan_grid
 from hero_core.tiny import LM_SHAPES
 from services.language.batching import BatchingEngine
@@ -65,7 +66,7 @@ def packed_tokens(ratio: float, feature_dim: int, tiling: TilingSpec,
                           for layer in (11, 22)}, {},
                          torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1))
     method = create_method("full" if ratio >= 1.0 else "hero")
-    return pack_tokens(method.select(crops, grid, ratio, None), crops.features, grid)
+    return prune_crops(crops, grid, method, ratio).packed
 
 
 def make_requests(packed: PackedTokens, count: int, tag: str) -> list[EngineRequest]:

@@ -6,6 +6,8 @@ weights, fp32, CPU; each image is one 2x2 grid of random features (a different s
 image), pruned by HERO. Engines are driven through `Engine.stream`, as the gRPC server
 drives them. Variants that are compared run one after the other on one loaded model,
 taking turns where a figure is repeated, so drift on a shared machine hits both alike.
+Run it with `python -m loadtest.micro.kv_report`, which prints the markdown section
+(`kv_report` imports this module; this module imports no report, so no import cycle).
 """
 
 from __future__ import annotations
@@ -293,8 +295,3 @@ def run() -> dict[str, Any]:
     out["gather"] = gather_share(model, 8, prompt + 24)
     return out
 
-
-if __name__ == "__main__":
-    from loadtest.micro.kv_report import report
-
-    print(report(run()))

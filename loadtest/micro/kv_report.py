@@ -1,4 +1,5 @@
-"""The markdown section of the KV cache benchmark (`kv_cache.py`)."""
+"""The markdown section of the KV cache benchmark (`kv_cache.py`); run this module to
+run the benchmark and print the section."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from loadtest.micro.kv_cache import (
     STREAM,
     STREAM_GAP_S,
     TTFT_REPEATS,
+    run,
 )
 
 
@@ -129,3 +131,7 @@ def report(r: dict[str, Any]) -> str:
         *gather_lines(r),
     ]
     return "\n".join([*lines, ""])
+
+
+if __name__ == "__main__":
+    print(report(run()))

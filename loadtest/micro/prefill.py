@@ -17,7 +17,7 @@ import torch
 
 from hero_core.encoder import EncodedCrops
 from hero_core.methods import create_method
-from hero_core.packing import pack_tokens
+from hero_core.stages import prune_crops
 from hero_core.tiling import TilingSpec, plan_grid
 
 RETENTIONS = (1.0, 0.222, 0.111, 0.056)
@@ -34,8 +34,7 @@ def visual_embeddings(ratio: float) -> int:
     crops = EncodedCrops(torch.zeros(n, 576, 1),
                          {layer: torch.rand(n, 576, generator=g) for layer in (11, 22)}, {},
                          torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1))
-    selection = create_method("hero").select(crops, grid, ratio, None)
-    return pack_tokens(selection, crops.features, grid).num_embeddings
+    return prune_crops(crops, grid, create_method("hero"), ratio).packed.num_embeddings
 
 
 def prefill_flops(tokens: int) -> float:

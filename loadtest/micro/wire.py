@@ -22,7 +22,8 @@ from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.encoder import EncodedCrops
 from hero_core.methods import create_method
-from hero_core.packing import PackedTokens, pack_tokens
+from hero_core.packing import PackedTokens
+from hero_core.stages import prune_crops
 from hero_core.tiling import TilingSpec, plan_grid
 from services.common.codec import ChunkAssembler
 from services.language.server import _next
@@ -41,11 +42,12 @@ def clip_l_tokens(ratio: float, dim: int = 1024) -> PackedTokens:
         attention={layer: torch.rand(n, 576, generator=g) for layer in (11, 22)}, keys={},
         image_embeds=torch.nn.functional.normalize(torch.randn(n, 768, generator=g), dim=-1))
     q = torch.nn.functional.normalize(torch.randn(768, generator=g), dim=0)
-    return pack_tokens(create_method("hero").select(crops, grid, ratio, q), crops.features, grid)
+    return prune_crops(crops, grid, create_method("hero"), ratio, q).packed
 
 
 def request_bytes(packed: PackedTokens, dtype: str) -> int:
-    header = make_header("What is written on the sign?", None, "bench", 64, 0.0, 1.0, 0, ())
+    header = make_header("What is written on the sign?", None, "bench",
+                         common_pb2.GenerationParams(max_new_tokens=64))
     return sum(len(r.SerializeToString()) for r in generate_requests(packed, header, dtype,
                                                                      1 << 20))
 
@@ -69,7 +71,7 @@ async def _throughput(packed: PackedTokens, dtype: str, requests: int) -> tuple[
     language_pb2_grpc.add_LanguageServiceServicer_to_server(Sink(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    header = make_header("q", None, "bench", 1, 0.0, 1.0, 0, ())
+    header = make_header("q", None, "bench", common_pb2.GenerationParams(max_new_tokens=1))
     reqs = list(generate_requests(packed, header, dtype, 1 << 20))
     size = sum(len(r.SerializeToString()) for r in reqs)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

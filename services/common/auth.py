@@ -41,16 +41,21 @@ class BearerTokens:
     def enabled(self) -> bool:
         return bool(self._accepted)
 
-    def check(self, metadata: Mapping[str, Any]) -> None:
-        """`UnauthenticatedError` unless `metadata` carries an accepted token (or
+    def check(self, metadata: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        """`UnauthenticatedError` unless `metadata` (a mapping, or a call's metadata pairs)
+        carries exactly one `authorization` entry with an accepted token (or
         authentication is off)."""
         if not self._accepted:
             return
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-        given = token.strip().encode()
+        pairs = metadata.items() if isinstance(metadata, Mapping) else metadata
+        values = [value for key, value in pairs if key == "authorization"]
+        scheme, _, token = (values[0] if len(values) == 1 and isinstance(values[0], str)
+                            else "").partition(" ")
+        given = token.strip().encode("utf-8", "replace")
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, t)
                                                   for t in self._accepted):
-            raise UnauthenticatedError("send a valid token as 'authorization: Bearer <token>'")
+            raise UnauthenticatedError("send one valid token as 'authorization: Bearer "
+                                       "<token>'")
 
 
 def bearer_metadata(token: str | None) -> list[tuple[str, str]] | None:

@@ -1,3 +1,3 @@
-from services.language.server import main
+from services.language.app import main
 
 main()

@@ -10,9 +10,24 @@ from pydantic_settings import SettingsConfigDict
 
 from hero_core.config import DEFAULT_LIMITS
 from services.common.auth import BearerTokens, require_tokens
+from services.common.codec import MAX_CHUNK_BYTES
 from services.common.config import ServiceSettings
+from services.common.params import MAX_MESSAGES, MAX_REQUEST_ID_CHARS, MAX_ROLE_CHARS
 
 ENV_PREFIX = "HERO_LANGUAGE_"
+UTF8_MAX = 4
+"""Most UTF-8 bytes per character."""
+SCALAR = 1 + 10
+"""Most bytes of one scalar field on the wire: a tag and the longest varint."""
+LISTED_U32 = 1 + 5
+"""Most bytes of one element of a repeated uint32 field: its varint, and its tag when the
+sender does not pack the field."""
+
+
+def _field(payload: int) -> int:
+    """Most bytes of one length-delimited field carrying `payload` bytes: tag and length
+    prefix (at most 1 + 5 bytes below 4 GiB)."""
+    return 1 + 5 + payload
 
 
 class LimitsConfig(BaseModel):
@@ -30,8 +45,27 @@ class LimitsConfig(BaseModel):
     """Most visual tokens one request may carry."""
     max_stop_strings: int = Field(8, ge=0)
     max_stop_chars: int = Field(64, ge=1)
-    max_messages: int = Field(64, ge=1)
+    max_messages: int = Field(MAX_MESSAGES, ge=1)
     """Most chat turns in one request."""
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message of a request within every limit (a Generate header, its
+        visual tokens, one chunk; a Validate header), as protobuf encodes it: the
+        server's receive limit, so a valid request never meets a transport limit."""
+        text = UTF8_MAX * self.max_prompt_chars
+        chat = _field(self.max_messages * (_field(UTF8_MAX * MAX_ROLE_CHARS) + 2 * _field(0))
+                      + text)
+        params = _field(5 * SCALAR + self.max_stop_strings
+                        * _field(UTF8_MAX * self.max_stop_chars))
+        header = _field(_field(UTF8_MAX * MAX_REQUEST_ID_CHARS) + max(chat, _field(text))
+                        + params)
+        per_token = _field(LISTED_U32 * self.max_visual_tokens)
+        layout = _field(6 * SCALAR + 4 * per_token)
+        features = _field(4 * SCALAR + _field(2 * SCALAR)
+                          + _field(4 * self.max_visual_tokens))  # int8 row scales
+        chunk = _field(SCALAR + _field(MAX_CHUNK_BYTES))
+        return max(header, _field(layout + features), chunk)
 
 
 class BatchingConfig(BaseModel):
@@ -137,8 +171,10 @@ class LanguageConfig(ServiceSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535)
     """Prometheus /metrics port; 0 turns it off."""
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    """How long in-flight calls may finish after SIGTERM."""
+    shutdown_grace_s: float = Field(300.0, ge=0)
+    """How long running calls may finish after SIGTERM (new calls are refused with
+    UNAVAILABLE meanwhile); the calls still running then end with UNAVAILABLE. The default
+    covers the longest call the vision service makes (its `language_timeout_s`, 300 s)."""
     max_connection_age_s: float = Field(300.0, gt=0)
     """Clients' connections are closed (gracefully) after this long, so clients that
     balance over DNS (the vision service) re-resolve and reach pods added since."""

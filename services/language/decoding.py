@@ -46,7 +46,9 @@ class SamplingParams:
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None
+    """Seed of the sampler: the same seed (0 included) draws the same answer again; None
+    draws fresh randomness for every request."""
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     """Generate past end-of-sequence (fixed-length answers for load tests)."""
@@ -71,6 +73,17 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
                 longest = max(longest, n)
                 break
     return longest
+
+
+def generator_for(params: SamplingParams) -> torch.Generator:
+    """The random generator a request samples with: seeded by `params.seed`, or from
+    fresh system randomness when the request has no seed."""
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
 
 
 def unusable(logits: torch.Tensor) -> torch.Tensor:
@@ -183,9 +196,11 @@ class TextStream:
     """One answer's tokens turned into text deltas.
 
     `add(token)` returns what can be sent now (None while the text may still begin a
-    stop string or ends inside a multi-byte character) and whether the generation is
-    over (end of sequence, a stop string, or max_new_tokens). `finish()` flushes
-    what was held back, unless a stop string ended the answer.
+    stop string or ends inside a multi-byte character); `done` says whether the
+    generation is over (end of sequence, a stop string, or max_new_tokens). The
+    end-of-sequence token is neither streamed nor counted (unless `ignore_eos`); the
+    tokens that completed a stop string are streamed, without its text. `finish()`
+    flushes what was held back, unless a stop string ended the answer.
 
     Detokenization is incremental: each token decodes only the tokens since the text
     last ended on a whole character (a window that starts where the previous one
@@ -244,8 +259,10 @@ class TextStream:
         text = self.text
         cut = self._stop_at(text) if self.params.stop else -1
         if cut >= 0:
+            # The text ends before the stop string; the tokens that made it are still
+            # handed out (with no text, if need be), so every counted token is streamed.
             self.reason = "stop"
-            return self._take(text, cut) if cut > len(self.sent) else None
+            return self._take(text, max(cut, len(self.sent)))
         if len(self.ids) >= self.params.max_new_tokens:
             self.reason = "length"
         ready = len(text) - held_back(text, self.params.stop)

@@ -1,7 +1,10 @@
-"""Engines run the LLM for the language service; the server never imports model classes.
+"""The types engines and the server share: a leaf module (it imports no engine, and no
+module that imports it); the server never imports model classes.
 
-`Engine` is the protocol the server talks to. Three implementations, chosen by the
-`engine` setting:
+`Engine` is the protocol the server talks to, `EngineRequest` what it hands an engine
+(the prompt's token ids kept on it once the model has checked it), `kv_tokens` the KV
+cache one request needs. Three implementations, chosen by the `engine` setting where the
+service is assembled (`services/language/app.py`):
 
 * `batched` (`services/language/batching/`): continuous batching on transformers'
   model, admission by KV tokens. The default, on CPU and on GPU without vLLM.
@@ -15,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+import torch
+
+from hero_core.packing import PackedTokens
+from hero_core.tiling import TilingSpec
 from services.language.decoding import Delta, FinishReason, SamplingParams
-from services.language.model import EngineInfo, EngineRequest
-
-if TYPE_CHECKING:
-    from services.language.config import LanguageConfig
-    from services.language.model import LanguageModel
 
 __all__ = [
     "Delta",
@@ -34,9 +36,34 @@ __all__ = [
     "FinishReason",
     "Finished",
     "SamplingParams",
-    "build_engine",
-    "load_engine",
+    "kv_tokens",
 ]
+
+
+def kv_tokens(prompt_length: int, max_new_tokens: int) -> int:
+    """KV cache tokens a request may ever need: its prompt (text plus visual embeddings)
+    and every token it may generate."""
+    return prompt_length + max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    packed: PackedTokens
+    messages: tuple[tuple[str, str], ...]
+    """(role, text) turns; the image goes with the first user turn."""
+    params: SamplingParams
+    prompt_ids: torch.Tensor | None = None
+    """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder: set by
+    the model's check (`LanguageModel.check`), so the prompt is tokenized once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    feature_dim: int
+    tiling: TilingSpec
+    max_positions: int
 
 
 @dataclasses.dataclass
@@ -96,8 +123,9 @@ class Engine(Protocol):
     observer: EngineObserver | None
     """Set by the server before the first request."""
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        """Raise `InvalidInputError` for anything the model or the engine cannot take."""
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        """`request` with its prompt's token ids, or `InvalidInputError` for anything the
+        model or the engine cannot take."""
 
     def stream(self, request: EngineRequest,
                deadline: float | None = None) -> AsyncIterator[Delta | Finished]:
@@ -112,30 +140,3 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Stop background work; requests still running end as cancelled."""
-
-
-def load_engine(config: LanguageConfig) -> Engine:
-    """Load the checkpoint `config` names and wrap it in the engine `config.engine` names."""
-    from hero_core.models import resolve_spec
-
-    spec = resolve_spec(config.model, config.models_dir, config.device, config.dtype)
-    if config.engine == "vllm":
-        from services.language.vllm_engine import VllmEngine
-
-        return VllmEngine.load(spec, config.vllm)
-    from services.language.model import LanguageModel
-
-    return build_engine(config, LanguageModel(spec))
-
-
-def build_engine(config: LanguageConfig, model: LanguageModel) -> Engine:
-    """The transformers engine `config.engine` names, around a loaded model."""
-    if config.engine == "sequential":
-        from services.language.sequential import SequentialEngine
-
-        return SequentialEngine(model, config.max_concurrency)
-    if config.engine != "batched":
-        raise ValueError(f"engine {config.engine!r} does not run on a transformers model")
-    from services.language.batching import BatchingEngine
-
-    return BatchingEngine(model, config.batching)

@@ -19,25 +19,12 @@ from hero_core.models import ModelSpec, load_vlm
 from hero_core.packing import PackedTokens, check_packed
 from hero_core.tiling import TilingSpec, plan_grid
 from services.language.decoding import SamplingParams
+from services.language.engine import EngineInfo, EngineRequest, kv_tokens
+
+__all__ = ["EngineInfo", "EngineRequest", "KVShape", "LanguageModel", "check_finite",
+           "smallest_packed"]
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineRequest:
-    request_id: str
-    packed: PackedTokens
-    messages: tuple[tuple[str, str], ...]
-    """(role, text) turns; the image goes with the first user turn."""
-    params: SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    feature_dim: int
-    tiling: TilingSpec
-    max_positions: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +75,14 @@ class LanguageModel:
                        head_dim, self.model.dtype)
 
     def prompt_ids(self, request: EngineRequest) -> torch.Tensor:
-        """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder.
+        """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder (kept
+        on a checked request; tokenized otherwise).
 
         The placeholder opens the first user turn, before its text (`format_chat`), so
         every question about the same kept tokens has the same prompt up to the image's
         end: the prefix the batched engine's KV cache reuses."""
+        if request.prompt_ids is not None:
+            return request.prompt_ids
         ids: torch.Tensor = self.tokenizer(format_chat(self.tokenizer, request.messages),
                                            return_tensors="pt").input_ids[0]
         return ids
@@ -115,9 +105,9 @@ class LanguageModel:
         embeds: torch.Tensor = self.model.get_input_embeddings()(ids)
         return embeds
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> int:
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
         """Raise `InvalidInputError` for anything the model cannot take; else return the
-        request's length in KV tokens (prompt + visual + max_new_tokens)."""
+        request with its prompt's token ids (its KV need: `needs`)."""
         for role, text in request.messages:
             if role not in ROLES:
                 raise InvalidInputError(f"chat role {role!r} is not one of {', '.join(ROLES)}")
@@ -131,16 +121,21 @@ class LanguageModel:
         grid = plan_grid(request.packed.image_size, self.info.tiling)
         check_packed(request.packed, grid, self.info.feature_dim)
         check_finite(request.packed.features)
+        request = dataclasses.replace(request, prompt_ids=self.prompt_ids(request))
         n_prompt = int(self.prompt_ids(request).numel()) - 1
         if n_prompt > max_prompt_tokens:
             raise PromptTooLongError(f"prompt is {n_prompt} tokens, above max_prompt_tokens="
                                      f"{max_prompt_tokens}; shorten it")
-        total = n_prompt + request.packed.num_embeddings + request.params.max_new_tokens
+        total = self.needs(request)
         if total > self.info.max_positions:
             raise InvalidInputError(f"prompt + visual tokens + max_new_tokens = {total} exceeds "
                                     f"the model's {self.info.max_positions} positions; lower "
                                     "max_new_tokens or the retention")
-        return total
+        return request
+
+    def needs(self, request: EngineRequest) -> int:
+        """The request's length in KV tokens (prompt + visual + max_new_tokens)."""
+        return kv_tokens(self.prompt_tokens(request), request.params.max_new_tokens)
 
     def warmup_request(self) -> EngineRequest:
         """A two-token request on the smallest valid layout."""

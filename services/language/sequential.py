@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from services.language.decoding import Delta, TextStream, sample
+from services.language.decoding import Delta, TextStream, generator_for, sample
 from services.language.engine import EngineObserver, EngineStats, Finished
 from services.language.model import EngineRequest, LanguageModel
 
@@ -40,8 +40,8 @@ class SequentialEngine:
         self._running = 0
         self._waiting = 0
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        self.model.check(request, max_prompt_tokens)
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        return self.model.check(request, max_prompt_tokens)
 
     def stats(self) -> EngineStats:
         return EngineStats(self._running, self._waiting, max(0, self.slots - self._running))
@@ -51,8 +51,12 @@ class SequentialEngine:
                  cancelled: Callable[[], bool]) -> Iterator[Delta | Finished]:
         """Run one request to the end (blocking)."""
         m, params = self.model, request.params
+        if cancelled():  # closed, or past its deadline, while it waited for a slot
+            yield Finished(m.prompt_tokens(request), request.packed.num_embeddings, 0, 0.0,
+                           0.0, 0.0, "cancelled")
+            return
         embeds = m.prompt_embeds(request)[None]
-        generator = torch.Generator().manual_seed(params.seed)
+        generator = generator_for(params)
         start = time.perf_counter()
         out = m.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         prefill_ms = (time.perf_counter() - start) * 1e3

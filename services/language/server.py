@@ -1,6 +1,5 @@
-"""The language service: a thin grpc.aio adapter around an `Engine`.
-
-    python -m services.language [--config language.yaml]
+"""The language service: a thin grpc.aio adapter around an `Engine` (which engine is
+chosen where the service is assembled: `services/language/app.py`).
 
 A `Generate` stream is read as header, visual tokens, chunks; everything is checked
 against the loaded model before a slot is taken; text streams back as it is made.
@@ -8,16 +7,12 @@ against the loaded model before a slot is taken; text streams back as it is made
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -33,9 +28,16 @@ from services.common.codec import (
     check_tensor_header,
     packed_from_layout,
 )
+from services.common.drain import Drain
 from services.common.errors import DeadlineError, UnavailableError, status_for
 from services.common.metrics import serve_metrics
-from services.common.params import check_generation_params, turns_of
+from services.common.params import (
+    check_generation_params,
+    loggable_request_id,
+    request_id_of,
+    seed_of,
+    turns_of,
+)
 from services.common.tls import server_credentials
 from services.language.admission import Admission
 from services.language.config import LanguageConfig, LimitsConfig
@@ -55,6 +57,9 @@ SERVICE = language_pb2.DESCRIPTOR.services_by_name["LanguageService"].full_name
 FINISH = {"eos": common_pb2.FINISH_REASON_EOS, "length": common_pb2.FINISH_REASON_LENGTH,
           "stop": common_pb2.FINISH_REASON_STOP,
           "cancelled": common_pb2.FINISH_REASON_UNSPECIFIED}
+CLOSE_S = 5.0
+"""After the drain: how long the last refused or ended calls get to receive their status
+before the server closes its port."""
 
 
 def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> SamplingParams:
@@ -62,7 +67,7 @@ def check_params(params: common_pb2.GenerationParams, limits: LimitsConfig) -> S
     check_generation_params(params, limits.max_new_tokens, limits.max_stop_strings,
                             limits.max_stop_chars)
     return SamplingParams(params.max_new_tokens, float(params.temperature),
-                          float(params.top_p) or 1.0, int(params.seed), tuple(params.stop),
+                          float(params.top_p) or 1.0, seed_of(params), tuple(params.stop),
                           bool(params.ignore_eos))
 
 
@@ -108,6 +113,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         self.admission = Admission(config.max_queue, self._occupancy, self._describe)
         self.accepted = frozenset(DTYPE_NAMES[d] for d in config.accepted_dtypes)
         self.auth = config.bearer_tokens()  # none: refuses to start, unless allowed
+        self.drain = Drain(refusal="the language service is shutting down (draining); "
+                                   "retry, another replica will take the call")
 
     async def GetModelInfo(self, request: language_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> language_pb2.ModelInfo:
@@ -125,9 +132,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
     async def Validate(self, header: language_pb2.GenerateHeader,
                        context: grpc.aio.ServicerContext) -> language_pb2.ValidateResponse:
         """Generate's checks of the prompt and parameters, on the smallest image layout."""
-        request_id = header.request_id[:128] or uuid.uuid4().hex
+        request_id = loggable_request_id(header.request_id)
         try:
             self._authorize(context)
+            request_id_of(header.request_id)
             engine = self._engine()
             packed = smallest_packed(engine.info.tiling, engine.info.feature_dim)
             engine.check(EngineRequest(request_id, packed, messages_of(header, self.limits),
@@ -139,7 +147,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         return language_pb2.ValidateResponse()
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        self.auth.check(dict(context.invocation_metadata() or ()))
+        self.auth.check(tuple(context.invocation_metadata() or ()))
 
     def _occupancy(self) -> EngineStats:
         return EngineStats(0, 0, 0) if self.engine is None else self.engine.stats()
@@ -163,19 +171,20 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         arrival, request_id, code = time.perf_counter(), "-", grpc.StatusCode.OK
         counted = False
         try:
-            self._authorize(context)
-            header = await _next(request_iterator, "header")
-            request_id = header.request_id[:128] or uuid.uuid4().hex
-            ticket = self.admission.reserve()  # refuse at once when full
-            try:
-                request = await self._read_request(header, request_id, request_iterator)
-                self.metrics.visual_tokens.observe(request.packed.num_tokens)
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining
-                async for response in self._stream(request, arrival, deadline):
-                    yield response
-            finally:
-                ticket.release()
+            with self.drain.admit():  # refused (UNAVAILABLE) once the server drains
+                self._authorize(context)
+                header = await _next(request_iterator, "header")
+                request_id = loggable_request_id(header.request_id)
+                ticket = self.admission.reserve()  # refuse at once when full
+                try:
+                    request = await self._read_request(header, request_id, request_iterator)
+                    self.metrics.visual_tokens.observe(request.packed.num_tokens)
+                    remaining = context.time_remaining()
+                    deadline = None if remaining is None else time.monotonic() + remaining
+                    async for response in self._stream(request, arrival, deadline):
+                        yield response
+                finally:
+                    ticket.release()
         except (asyncio.CancelledError, GeneratorExit):
             # a cancelled call: its task cancelled, or its response stream closed by grpc
             code = grpc.StatusCode.CANCELLED
@@ -195,6 +204,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                             stream: AsyncIterator[language_pb2.GenerateRequest]
                             ) -> EngineRequest:
         engine = self._engine()
+        request_id_of(header.request_id)
         params = check_params(header.params, self.limits)
         turns = messages_of(header, self.limits)
         tokens = await _next(stream, "tokens")
@@ -204,21 +214,22 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         while not assembler.complete:
             assembler.add(await _next(stream, "chunk"))
         packed = packed_from_layout(tokens.layout, assembler.tensor())
-        request = EngineRequest(request_id, packed, turns, params)
-        engine.check(request, self.limits.max_prompt_tokens)
-        return request
+        return engine.check(EngineRequest(request_id, packed, turns, params),
+                            self.limits.max_prompt_tokens)
 
     async def _stream(self, request: EngineRequest, arrival: float,
                       deadline: float | None) -> AsyncIterator[language_pb2.GenerateResponse]:
         """Engine events as responses; the deadline is checked on every event (grpc does
         not always cancel a handler whose deadline passed while it was streaming) and
-        the engine ends a request whose deadline passes while it waits or runs."""
+        the engine ends a request whose deadline passes while it waits or runs. Once the
+        drain's grace is over the call ends with UNAVAILABLE instead of its next event."""
         self.metrics.in_flight.inc()
         try:
             # closed as soon as the call ends, however it ends, so the engine lets go at once
             stream = cast(AsyncGenerator[Delta | Finished, None],
                           self._engine().stream(request, deadline))  # engines are generators
-            async with contextlib.aclosing(stream) as events:
+            async with contextlib.aclosing(stream) as engine_events, \
+                    contextlib.aclosing(self.drain.until_expired(engine_events)) as events:
                 async for event in events:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise DeadlineError("the call's deadline passed; generation stopped")
@@ -250,9 +261,20 @@ class RunningServer:
     metrics_port: int | None
 
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        """Drain, then stop: report NOT_SERVING and refuse new calls (UNAVAILABLE), let the
+        running ones finish within `grace_s`, end the rest with UNAVAILABLE, close the
+        port, and shut the engine down."""
+        drain = self.servicer.drain
+        drain.begin()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if not await drain.wait_idle(grace_s):
+            log.warning("%d calls still running after the %g s drain: ending them "
+                        "(UNAVAILABLE, retryable)", drain.in_flight, grace_s)
+            drain.expire(f"the language service is shutting down: this call ran past its "
+                         f"{grace_s:g} s drain (shutdown_grace_s); retry")
+            await drain.wait_idle(CLOSE_S)
+        # every call has its status by now; grpc cancels what is left after CLOSE_S
+        await self.server.stop(CLOSE_S)
         if self.servicer.engine is not None:
             await asyncio.to_thread(self.servicer.engine.shutdown)
 
@@ -263,7 +285,8 @@ async def start_server(config: LanguageConfig,
     metrics = LanguageMetrics()
     servicer = LanguageServicer(config, metrics)
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 4 << 20), ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
         ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))])
     language_pb2_grpc.add_LanguageServiceServicer_to_server(servicer, server)
@@ -296,31 +319,3 @@ async def start_server(config: LanguageConfig,
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("language service SERVING on %s:%d (model %s)", config.host, port, config.model)
     return RunningServer(server, port, servicer, health_servicer, metrics_port)
-
-
-async def serve(config: LanguageConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    from services.language.engine import load_engine
-
-    running = await start_server(config, lambda: load_engine(config))
-    print(f"language service ready on {config.host}:{running.port}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("draining for up to %.0f s", config.shutdown_grace_s)
-    await running.stop(config.shutdown_grace_s)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="HERO Serve language service")
-    parser.add_argument("--config", type=Path, help="YAML file (env HERO_LANGUAGE_* overrides)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
-                        "%(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    config = LanguageConfig.load(args.config)
-    asyncio.run(serve(config))

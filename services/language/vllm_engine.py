@@ -8,13 +8,18 @@ checkpoint with images switched off (`limit_mm_per_prompt={"image": 0}`), so it 
 the text model only and never sees pixels; it batches, schedules and pages the KV
 cache, and streams deltas back (`RequestOutputKind.DELTA`).
 
-vLLM pins its own torch and transformers: it is the optional install `.[vllm]` and the
-image target `language-vllm`. Nothing here imports vllm until `VllmEngine.load`.
+What comes back is read into the other engines' terms (`Answer`): the same finish
+reasons, no end-of-sequence token among the streamed ids, `completion_tokens` = the ids
+streamed. The prompt is built in a worker thread, off the event loop.
+
+vLLM needs CUDA (its wheels are CUDA 13 builds): it is the optional install `.[vllm]`
+and the image target `language-vllm`. Nothing here imports vllm until `VllmEngine.load`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +54,7 @@ def engine_args(spec: ModelSpec, settings: VllmConfig) -> dict[str, Any]:
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """Keyword arguments of vLLM's `SamplingParams` for ours (temperature 0 is greedy in
-    both; stop strings are left out of the text in both)."""
+    both; stop strings are left out of the text in both; seed None is unseeded in both)."""
     return {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
             "top_p": params.top_p, "seed": params.seed, "stop": list(params.stop),
             "ignore_eos": params.ignore_eos, "skip_special_tokens": True}
@@ -63,6 +68,49 @@ def finish_reason(reason: str | None, stop_reason: Any) -> FinishReason:
     if reason == "stop":
         return "stop" if isinstance(stop_reason, str) else "eos"
     return "cancelled"
+
+
+@dataclasses.dataclass
+class Answer:
+    """One request's answer as vLLM streams it (`RequestOutputKind.DELTA`: each
+    `RequestOutput` carries the text and token ids new since the previous one, several
+    steps' worth when the reader fell behind), read into the other engines' terms."""
+
+    tokens: int = 0
+    """Token ids streamed so far."""
+    first_at: float = 0.0
+    reason: FinishReason | None = None
+    """Set once vLLM says the request finished."""
+
+    def read(self, out: Any) -> Delta | None:
+        """The delta to stream for one `RequestOutput` (None if it carries nothing).
+
+        On an end-of-sequence finish (reason "stop", `stop_reason` None or a stop token
+        id) vLLM's last token id is that token; its text is already left out. The other
+        engines neither stream nor count it, so it is dropped here too. With
+        `ignore_eos` vLLM never finishes so, and end-of-sequence tokens stay like any
+        other. A stop string ends the text before it, and the token ids that made it
+        stay, as in the other engines.
+        """
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        if ids and not self.first_at:
+            self.first_at = time.perf_counter()
+        if out.finished:
+            self.reason = finish_reason(completion.finish_reason, completion.stop_reason)
+            if self.reason == "eos" and ids:
+                ids.pop()
+        self.tokens += len(ids)
+        return Delta(completion.text, ids) if ids or completion.text else None
+
+    def finished(self, prompt_tokens: int, visual_tokens: int, submitted: float) -> Finished:
+        """The closing `Finished` ("cancelled" unless vLLM finished the request)."""
+        n, first_at = self.tokens, self.first_at
+        decode_s = time.perf_counter() - first_at if first_at else 0.0
+        return Finished(prompt_tokens, visual_tokens, n,
+                        (first_at - submitted) * 1e3 if first_at else 0.0, first_at,
+                        (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                        self.reason or "cancelled")
 
 
 class VllmEngine:
@@ -95,12 +143,14 @@ class VllmEngine:
 
         return cls(model, llm, make_params, settings.max_num_seqs, settings.max_model_len)
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        needed = self.model.check(request, max_prompt_tokens)
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        request = self.model.check(request, max_prompt_tokens)
+        needed = self.model.needs(request)
         if needed > self.max_model_len:
             raise InvalidInputError(f"prompt + visual tokens + max_new_tokens = {needed} "
                                     f"exceeds max_model_len={self.max_model_len}; lower "
                                     "max_new_tokens or the retention")
+        return request
 
     def stats(self) -> EngineStats:
         # vLLM queues and schedules internally; what it holds counts as running.
@@ -113,39 +163,31 @@ class VllmEngine:
 
     async def stream(self, request: EngineRequest,
                      deadline: float | None = None) -> AsyncIterator[Delta | Finished]:
-        prompt = self.prompt(request)
+        # Tokenizing, the projector and the copy to the CPU block for a while: they run
+        # in a worker thread, so the event loop goes on serving every other call.
+        prompt = await asyncio.to_thread(self.prompt, request)
         length = int(prompt["prompt_embeds"].shape[0])
-        params = self.make_params(**sampling_kwargs(request.params))
-        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
-        outputs = self.llm.generate(prompt, params, request_id)
-        submitted, first_at, tokens = time.perf_counter(), 0.0, 0
-        reason: FinishReason = "cancelled"
-        finished = False
-        self._in_flight += 1
-        try:
-            while not finished:
-                timeout = None if deadline is None else deadline - time.monotonic()
-                try:
-                    out = await asyncio.wait_for(anext(outputs), timeout)
-                except (TimeoutError, StopAsyncIteration):
-                    break
-                completion = out.outputs[0]
-                if completion.token_ids:
-                    first_at = first_at or time.perf_counter()
-                    tokens += len(completion.token_ids)
-                    yield Delta(completion.text, list(completion.token_ids))
-                finished = bool(out.finished)
-                reason = finish_reason(completion.finish_reason, completion.stop_reason)
-        finally:
-            self._in_flight -= 1
-            if not finished:  # cancelled, past its deadline, or the stream broke
-                await outputs.aclose()
-                await self.llm.abort(request_id)
-        decode_s = time.perf_counter() - first_at if first_at else 0.0
-        yield Finished(length, request.packed.num_embeddings, tokens,
-                       (first_at - submitted) * 1e3 if first_at else 0.0, first_at,
-                       (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else 0.0,
-                       reason if finished else "cancelled")
+        answer, submitted = Answer(), time.perf_counter()
+        if deadline is None or time.monotonic() < deadline:
+            params = self.make_params(**sampling_kwargs(request.params))
+            request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+            outputs = self.llm.generate(prompt, params, request_id)
+            self._in_flight += 1
+            try:
+                while answer.reason is None:
+                    timeout = None if deadline is None else deadline - time.monotonic()
+                    try:
+                        out = await asyncio.wait_for(anext(outputs), timeout)
+                    except (TimeoutError, StopAsyncIteration):
+                        break
+                    if (delta := answer.read(out)) is not None:
+                        yield delta
+            finally:
+                self._in_flight -= 1
+                if answer.reason is None:  # cancelled, past its deadline, or the stream broke
+                    await outputs.aclose()
+                    await self.llm.abort(request_id)
+        yield answer.finished(length, request.packed.num_embeddings, submitted)
 
     def warmup(self) -> None:
         """Nothing to do: vLLM profiles memory and captures CUDA graphs while it loads."""

@@ -1,13 +1,18 @@
 """Python client of hero.language.v1.LanguageService (asyncio and blocking).
 
     async with LanguageClient("127.0.0.1:50052") as client:
-        async for part in client.generate(packed, "What is shown?", max_new_tokens=64):
+        params = common_pb2.GenerationParams(max_new_tokens=64)
+        async for part in client.generate(packed, "What is shown?", params=params):
             ...  # common_pb2.TextDelta, then a final common_pb2.Usage
+
+Failures raise the typed errors of `services.sdk.errors` (`InvalidRequest`,
+`Unavailable`, ...), each a `grpc.RpcError` with the server's code and details.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeAlias
@@ -20,6 +25,7 @@ from hero_core.packing import PackedTokens
 from services.common.auth import bearer_metadata
 from services.common.codec import DTYPE_NAMES, MAX_CHUNK_BYTES, packed_messages
 from services.sdk.channel import AsyncChannelClient
+from services.sdk.errors import ApiError, api_error
 
 Part: TypeAlias = common_pb2.TextDelta | common_pb2.Usage
 
@@ -35,15 +41,39 @@ def generate_requests(packed: PackedTokens, header: language_pb2.GenerateHeader,
         yield language_pb2.GenerateRequest(chunk=chunk)
 
 
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def broken_stream(deadline: float | None) -> ApiError:
+    """The status of a Generate call that grpc.aio cancelled itself.
+
+    grpc.aio cancels a call when sending its request stream fails (its deadline passed, or
+    the connection broke, while the last chunk or the half-close was being sent); the
+    read then raises `CancelledError` although nobody cancelled the caller, or INTERNAL
+    "Internal error from Core" when the deadline passed while chunks were still queued.
+    This is the status that stands for: DEADLINE_EXCEEDED past `deadline`, else
+    UNAVAILABLE.
+    """
+    if past(deadline):
+        code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+    else:
+        code, details = (grpc.StatusCode.UNAVAILABLE,
+                         "the request stream broke before it was sent; retry")
+    return api_error(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                          details))
+
+
+DEFAULT_PARAMS = common_pb2.GenerationParams(max_new_tokens=64)
+"""Greedy decoding of at most 64 tokens."""
+
+
 def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
-                request_id: str, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int, stop: Sequence[str], ignore_eos: bool = False
+                request_id: str, params: common_pb2.GenerationParams | None = None
                 ) -> language_pb2.GenerateHeader:
-    params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seed, stop=list(stop),
-                                         ignore_eos=ignore_eos)
+    """A Generate (or Validate) header: the prompt or chat, and `params` as they are."""
     header = language_pb2.GenerateHeader(request_id=request_id or uuid.uuid4().hex,
-                                         params=params)
+                                         params=params or DEFAULT_PARAMS)
     if messages is not None:
         header.chat.messages.extend(common_pb2.ChatMessage(role=r, content=c)
                                     for r, c in messages)
@@ -53,7 +83,8 @@ def make_header(prompt: str | None, messages: Sequence[tuple[str, str]] | None,
 
 
 class LanguageClient(AsyncChannelClient):
-    """Async client; one channel, many concurrent calls."""
+    """Async client; one channel, many concurrent calls. Failures raise the typed errors
+    of `services.sdk.errors`."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (), token: str | None = None):
@@ -62,38 +93,56 @@ class LanguageClient(AsyncChannelClient):
         self.metadata = bearer_metadata(token)
 
     async def model_info(self, timeout: float | None = None) -> language_pb2.ModelInfo:
-        return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(), timeout=timeout,
-                                            metadata=self.metadata)
+        try:
+            return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(),
+                                                timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise api_error(exc) from exc
 
     async def validate(self, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
-                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       params: common_pb2.GenerationParams | None = None,
                        request_id: str = "", timeout: float | None = None) -> None:
         """Whether the server would take this prompt and these parameters: returns, or
-        raises `grpc.aio.AioRpcError` (INVALID_ARGUMENT saying what to change)."""
-        header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
-                             seed, stop, ignore_eos)
-        await self.stub.Validate(header, timeout=timeout, metadata=self.metadata)
+        raises the typed error (`InvalidRequest` saying what to change)."""
+        header = make_header(prompt, messages, request_id, params)
+        try:
+            await self.stub.Validate(header, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise api_error(exc) from exc
 
     async def generate(self, packed: PackedTokens, prompt: str | None = None, *,
                        messages: Sequence[tuple[str, str]] | None = None,
-                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       params: common_pb2.GenerationParams | None = None,
                        request_id: str = "", dtype: str = "float16",
                        timeout: float | None = None,
                        chunk_bytes: int = MAX_CHUNK_BYTES) -> AsyncIterator[Part]:
         """Stream one generation: `TextDelta`s, then one `Usage`.
 
-        Raises `grpc.aio.AioRpcError` with the server's status on failure; breaking
-        out of the loop cancels the call and frees the server's slot.
+        Raises the typed error of the server's status on failure; breaking out of the
+        loop cancels the call and frees the server's slot.
         """
-        header = make_header(prompt, messages, request_id, max_new_tokens, temperature, top_p,
-                             seed, stop, ignore_eos)
+        header = make_header(prompt, messages, request_id, params)
+        deadline = None if timeout is None else time.monotonic() + timeout
         call = self.stub.Generate(generate_requests(packed, header, dtype, chunk_bytes),
                                   timeout=timeout, metadata=self.metadata)
         try:
-            async for response in call:
+            while True:
+                try:
+                    response = await call.read()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this task is being cancelled: the call goes with it
+                    raise broken_stream(deadline) from None
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.INTERNAL and past(deadline):
+                        # grpc.aio's answer when the deadline passes while the request
+                        # stream is still being written: "Internal error from Core"
+                        raise broken_stream(deadline) from None
+                    raise api_error(exc) from exc
+                if response is grpc.aio.EOF:
+                    return
                 yield getattr(response, response.WhichOneof("part"))
         finally:
             call.cancel()
@@ -110,11 +159,16 @@ class SyncLanguageClient:
     async def _make(target: str, kwargs: dict[str, Any]) -> LanguageClient:
         return LanguageClient(target, **kwargs)
 
-    def generate(self, packed: PackedTokens, prompt: str | None = None,
-                 **kwargs: Any) -> list[Part]:
-        """All parts of one generation (deltas then usage)."""
+    def generate(self, packed: PackedTokens, prompt: str | None = None, *,
+                 dtype: str = "float16", timeout: float | None = None,
+                 **params: Any) -> list[Part]:
+        """All parts of one generation (deltas then usage); `params`: fields of
+        `common_pb2.GenerationParams` (max_new_tokens, temperature, ...)."""
+        message = common_pb2.GenerationParams(**{**{"max_new_tokens": 64}, **params})
+
         async def collect() -> list[Part]:
-            return [p async for p in self._client.generate(packed, prompt, **kwargs)]
+            return [p async for p in self._client.generate(packed, prompt, params=message,
+                                                           dtype=dtype, timeout=timeout)]
         return self._loop.run_until_complete(collect())
 
     def close(self) -> None:

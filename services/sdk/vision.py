@@ -25,7 +25,7 @@ from hero.vision.v1 import vision_pb2, vision_pb2_grpc
 from hero_core.packing import PackedTokens
 from services.common.auth import bearer_metadata
 from services.common.codec import DTYPE_NAMES, ChunkAssembler, packed_from_layout
-from services.common.params import TIMEOUT_HEADER
+from services.common.params import MAX_TIMEOUT_MS, TIMEOUT_HEADER
 from services.sdk.channel import AsyncChannelClient
 from services.sdk.errors import api_error
 
@@ -52,7 +52,7 @@ class GenerateOptions(PruneOptions, total=False):
     max_new_tokens: int
     temperature: float
     top_p: float
-    seed: int
+    seed: int | None
     stop: Sequence[str]
     ignore_eos: bool
 
@@ -80,7 +80,7 @@ def generate_request(image: ImageLike | None, prompt: str | None, *,
                      messages: Sequence[tuple[str, str]] | None = None,
                      image_id: str | None = None, method: str = "", retention: float = 0.0,
                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                     seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                      request_id: str = "") -> vision_pb2.GenerateRequest:
     request = vision_pb2.GenerateRequest(
         request_id=request_id, image=image_input(image, image_id),
@@ -121,10 +121,13 @@ def assemble_pruned(responses: list[vision_pb2.PruneResponse]
 
 def call_metadata(metadata: list[tuple[str, str]] | None, timeout: float | None
                   ) -> list[tuple[str, str]] | None:
-    """`metadata` plus the deadline header when the call has a timeout."""
+    """`metadata` plus the deadline header when the call has a timeout (whole
+    milliseconds, at least 1, at most the `MAX_TIMEOUT_MS` the service accepts)."""
     if timeout is None:
         return metadata
-    return [*(metadata or []), (TIMEOUT_HEADER, str(max(1, int(timeout * 1000))))]
+    ms = timeout * 1000
+    value = max(1, int(ms)) if ms < MAX_TIMEOUT_MS else MAX_TIMEOUT_MS
+    return [*(metadata or []), (TIMEOUT_HEADER, str(value))]
 
 
 class VisionClient:

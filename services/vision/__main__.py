@@ -8,7 +8,10 @@ override them in every process that loads them (nested keys with `__`, e.g.
 the gRPC port, `HERO_VISION_METRICS_PORT` the port where Ray exports the Prometheus
 metrics and `HERO_VISION_NODE_IP` the node's address (`auto` in a container, so that
 other containers reach the metrics port; `NodeSettings`). On a Ray cluster use KubeRay's
-RayService or `serve deploy` with the same file instead. SIGTERM shuts Serve and Ray down.
+RayService or `serve deploy` with the same file instead. SIGTERM (or SIGINT) drains the
+app first: new calls get UNAVAILABLE and health NOT_SERVING while running answers finish,
+within the VisionIngress deployment's `graceful_shutdown_timeout_s` (a second signal ends
+the drain at once); then Serve and Ray shut down.
 """
 
 from __future__ import annotations
@@ -66,10 +69,16 @@ def main() -> None:
     app = ServeApp(resolve_config(args.serve_config, node), metrics_export_port=node.metrics_port,
                    node_ip=node.ray_node_ip()).start()
     print(f"vision service ready on port {app.config['grpc_options']['port']}", flush=True)
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:  # the first signal drains; a second one hurries it
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
+    logging.getLogger("hero.vision").info("draining before shutting down")
+    app.drain(hurry=hurry)
     app.stop()
 
 

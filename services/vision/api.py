@@ -10,12 +10,22 @@ It registers, for the ingress deployment to answer:
 * `grpc.health.v1.Health/Check`, so load balancers and `grpc_health_probe` can ask the
   public port whether it can answer (NOT_SERVING while the language service is
   unreachable).
+
+Serve's proxy replaces each method's behaviour with its own (an async generator that
+forwards the call to a replica) and keeps the rest of the handler. Its generator cancels
+the replica's work only when the cancel of a call lands while it waits for the replica;
+a cancel that lands while grpc writes a message to the client leaves the generator
+suspended, and the replica (and its language call) runs on for nobody. So the streaming
+methods are served by `relay`: the proxy's generator runs in a task of its own that only
+ever waits for the replica, and however the call ends, that task is cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Callable
+import inspect
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -49,6 +59,66 @@ def lenient(message: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+_PUMPS: set[asyncio.Task[None]] = set()
+"""Relay tasks still running (the event loop keeps only weak references to tasks)."""
+
+
+async def _pump(messages: AsyncIterator[Any], queue: asyncio.Queue[tuple[Any, bool]]) -> None:
+    """Move `messages` into `queue` as (message, False), then (what ended them: None or
+    an exception, True). Waits on nothing but `messages`, so a cancel lands there."""
+    try:
+        async for message in messages:
+            queue.put_nowait((message, False))
+    except BaseException as exc:  # passed on to the handler, which raises it
+        queue.put_nowait((exc, True))
+    else:
+        queue.put_nowait((None, True))
+
+
+def relay(stream: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
+    """A unary-stream handler that writes what `stream(request, context)` yields, reading
+    it in a task of its own, and cancels that task when the call ends early (client
+    cancel, deadline, broken connection): the cancel reaches `stream` where it waits,
+    never at a `yield`. Messages are read ahead of slow writes, as the replica produces
+    them anyway."""
+    async def handler(request: Any, context: Any) -> None:
+        queue: asyncio.Queue[tuple[Any, bool]] = asyncio.Queue()
+        pump = asyncio.ensure_future(_pump(stream(request, context), queue))
+        _PUMPS.add(pump)
+        pump.add_done_callback(_PUMPS.discard)
+        try:
+            while True:
+                item, last = await queue.get()
+                if last:
+                    if item is not None:
+                        raise item
+                    return
+                await context.write(item)
+        finally:
+            pump.cancel()  # nothing when it has finished
+    return handler
+
+
+class RelayingHandler(grpc.GenericRpcHandler):
+    """The handlers of one service, with its unary-stream methods served by `relay`.
+
+    `_method_handlers` ("/service/Method" -> handler) is the attribute Serve's proxy reads
+    and replaces with its own handlers (as it does for grpc's generic handler), so the
+    relay wraps whichever handlers are there when a call arrives."""
+
+    def __init__(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]):
+        self._method_handlers = {f"/{service}/{name}": handler
+                                 for name, handler in handlers.items()}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler | None:
+        handler = self._method_handlers.get(handler_call_details.method)
+        if handler is None or handler.request_streaming or not handler.response_streaming \
+                or not inspect.isasyncgenfunction(handler.unary_stream):
+            return handler
+        return handler._replace(unary_stream=relay(handler.unary_stream))
+
+
 def add_public_services(servicer: Any, server: Any) -> None:
     """Register the public services on `server` (Serve routes them to the ingress)."""
     vision = {
@@ -62,5 +132,4 @@ def add_public_services(servicer: Any, server: Any) -> None:
         servicer.Check, request_deserializer=lenient(health_pb2.HealthCheckRequest),
         response_serializer=health_pb2.HealthCheckResponse.SerializeToString)}
     for service, handlers in ((VISION_SERVICE, vision), (HEALTH_SERVICE, health)):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service,
-                                                                              handlers),))
+        server.add_generic_rpc_handlers((RelayingHandler(service, handlers),))

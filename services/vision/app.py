@@ -27,9 +27,12 @@ def build_app(args: dict[str, Any],
     """Application builder: `import_path: services.vision.app:build_app`. `deployments`:
     per-deployment settings of a Serve config (`name` plus `.options()` fields) when the
     app is run from Python rather than deployed from the config by Serve or KubeRay."""
-    # A bad value, or no API tokens without allow_unauthenticated, fails the deploy here
-    # rather than in a replica (each replica checks its own environment again).
-    VisionConfig.load(values=args).bearer_tokens()
+    # A bad value, no API tokens without allow_unauthenticated, or a Redis cache without
+    # its secret (unless cache.allow_unsigned) fails the deploy here rather than in a
+    # replica (each replica checks its own environment again).
+    settings = VisionConfig.load(values=args)
+    settings.bearer_tokens()
+    settings.require_cache_secret()
     # The args travel as given; each replica loads them with its own environment, so
     # secrets never ride in the deployments' arguments.
     config = dict(args)

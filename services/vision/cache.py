@@ -4,18 +4,20 @@
   (`get(strict=True)` lets a caller that cannot do without the value tell "down" from
   "absent"). Every store call keeps `health` current: when the store stops answering
   (or answers nothing at startup, `check`), one ERROR line says why (a TLS certificate
-  without the URL's host name, a refused password, ...) and the up gauge drops to 0;
+  without the host name of the URL, a refused password, ...) and the up gauge drops to 0;
   every failure is counted by its kind.
 * Every value is stored in an envelope naming its own key, and, when a secret is
-  configured, an HMAC-SHA256 over key and value. A value that comes back under another
-  key (a copy, a misrouted reply) or without a valid MAC (written by anyone without the
-  secret) is dropped and counted, never served.
+  configured, an HMAC-SHA256 over key and value. It is checked once, when the value is
+  read: a value that comes back under another key (a copy, a misrouted reply) or
+  without a valid MAC (written by anyone without the secret) is dropped and counted,
+  never served. What the key names (image, encoder, method) is therefore not recorded
+  in, nor checked against, the value again.
 * Values above `max_entry_bytes` are not stored.
-* Concurrent misses on one key run the producer once (single flight). Within a replica
-  they share one future. Across replicas a lock key holds a random token: only its
-  owner releases it, it lives `lock_ttl_s` and the owner renews it while producing, so
-  a replica that dies mid-encode stalls the others for at most `lock_ttl_s`. Waiters
-  give up at their own deadline.
+* A value is produced once however many callers miss it at the same time: within a
+  replica they share one production (`SingleFlight`); across replicas the producer
+  holds a lock (`services.common.locks`) that it extends while it works, so a replica
+  that dies mid-production stalls the others for at most `lock_ttl_s`, and the others
+  wait for it and read what it stored. Waiters give up at their own deadline.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from hero_core.errors import CorruptPayloadError
 from services.common.errors import DeadlineError
+from services.common.locks import ReplicaLock, replica_lock
 from services.common.store import Store, StoreError
 
 T = TypeVar("T")
@@ -98,7 +99,7 @@ class TokenCache:
         self.ttl_s, self.max_entry_bytes = ttl_s, max_entry_bytes
         self.lock_ttl_s, self.poll_s = lock_ttl_s, poll_s
         self.secret = secret or None
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self.flights = SingleFlight()
         self.health = CacheHealth()
         self.checked_at = 0.0
         """`time.monotonic()` of the last store call, successful or not."""
@@ -180,33 +181,40 @@ class TokenCache:
 
     async def get_or_create(self, key: str, create: Callable[[], Awaitable[bytes]],
                             decode: Callable[[bytes], T], *,
-                            prepare: Callable[[], Awaitable[None]] | None = None,
                             deadline: float | None = None) -> tuple[T, bool]:
-        """The decoded value under `key`, and whether it came from the store.
+        """The decoded value under `key`, and whether it came from the store; on a miss,
+        `create`'s value, produced once (`once`) and stored."""
+        found = await self.find(key, decode)
+        if found is not None:
+            return found, True
 
-        * A stored value that `decode` rejects (`CorruptPayloadError`) is counted,
-          dropped and rebuilt: never served.
-        * `prepare` runs only when this call is about to produce the value itself (not
-          when it joins another's production), so what it checks or fetches for this
-          request alone never fails the others.
-        * `deadline` (`time.monotonic()`): a call waiting for another's production
-          raises `DeadlineError` when it passes. A producer's failure reaches its waiters.
-        """
-        prepared = False
-        while True:
-            found = await self._usable(key, decode)
-            if found is not None:
-                self.metrics.observe("hit")
-                return found[0], True
-            pending = self._inflight.get(key)
-            if pending is not None:
-                self.metrics.observe("coalesced")
-                return await _wait(pending, deadline), False
-            if prepare is not None and not prepared:
-                await prepare()
-                prepared = True
-                continue  # another call may have finished or started meanwhile
-            return await self._lead(key, create, decode, deadline), False
+        async def made() -> tuple[T, bytes]:
+            data = await create()
+            return decode(data), data
+
+        return await self.once(key, made, decode, deadline=deadline), False
+
+    async def find(self, key: str, decode: Callable[[bytes], T]) -> T | None:
+        """The decoded value under `key` (a hit), or None: absent, or unusable, in which
+        case it is dropped (`discard`). `decode` failing in any way on a stored value
+        counts as unusable: the value came from the store."""
+        found = await self._usable(key, decode)
+        if found is None:
+            return None
+        self.metrics.observe("hit")
+        return found[0]
+
+    async def once(self, key: str, create: Callable[[], Awaitable[tuple[T, bytes]]],
+                   decode: Callable[[bytes], T], *, deadline: float | None = None) -> T:
+        """The value of a miss: `create`'s (value, bytes to store), produced once for every
+        caller of this replica that asks meanwhile and, through the lock, once across
+        replicas (another replica's value is read back with `decode`). A caller that is
+        cancelled or whose `deadline` (`time.monotonic()`) passes stops waiting
+        (`DeadlineError`); the production goes on for the others and the cache. Its
+        failure reaches every caller."""
+        running, joined = self.flights.start(key, lambda: self._produce(key, create, decode))
+        self.metrics.observe("coalesced" if joined else "miss")
+        return await wait(running, deadline)
 
     async def _usable(self, key: str, decode: Callable[[bytes], T]) -> tuple[T] | None:
         """The decoded stored value, or None (absent, or dropped as unusable)."""
@@ -215,91 +223,76 @@ class TokenCache:
             return None
         try:
             return (decode(value),)
-        except CorruptPayloadError as exc:
-            self.metrics.observe("corrupt")
-            log.warning("dropping unusable cache entry %s: %s", key, exc)
-            await self.invalidate(key)
+        except Exception as exc:  # whatever a stored value makes `decode` raise
+            await self.discard(key, f"{type(exc).__name__}: {exc}")
             return None
 
-    async def _lead(self, key: str, create: Callable[[], Awaitable[bytes]],
-                    decode: Callable[[bytes], T], deadline: float | None) -> T:
-        """Start producing (or waiting for another replica's production) in a task of its
-        own, shared with every call of this replica that joins meanwhile, and wait for it
-        like they do: a caller that is cancelled or whose deadline passes stops waiting,
-        the production goes on for the others (and the cache)."""
-        self.metrics.observe("miss")
-        task = asyncio.ensure_future(self._produce_once(key, create, decode))
-        self._inflight[key] = task
-        task.add_done_callback(lambda done: self._settled(key, done))
-        return await _wait(task, deadline)
+    async def discard(self, key: str, problem: str) -> None:
+        """Count, log and delete a stored value found unusable (`problem` says why), so
+        the next request rebuilds it."""
+        self.metrics.observe("corrupt")
+        log.warning("dropping unusable cache entry %s: %.300s", key, problem)
+        await self.invalidate(key)
 
-    def _settled(self, key: str, task: asyncio.Future[Any]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter re-raises it itself
-
-    async def _produce_once(self, key: str, create: Callable[[], Awaitable[bytes]],
-                            decode: Callable[[bytes], T]) -> T:
+    async def _produce(self, key: str, create: Callable[[], Awaitable[tuple[T, bytes]]],
+                       decode: Callable[[bytes], T]) -> T:
         """Take the cross-replica lock and produce, or wait for its holder's value; when
         the holder lets go (or dies, and its lock expires) without a value, try again."""
         while True:
-            token = secrets.token_hex(16).encode()
-            if await self._lock(key, token):
-                async with self._holding(key, token):
-                    value = await create()
-                    await self.put(key, value)
-                return decode(value)
-            if await self._wait_for_other_replica(key):
+            lock = replica_lock(self.store, key + LOCK_SUFFIX, self.lock_ttl_s)
+            if await self._acquire(lock):
+                async with self._holding(lock):
+                    value, data = await create()
+                    await self.put(key, data)
+                return value
+            if await self._wait_for_other_replica(lock, key):
                 found = await self._usable(key, decode)
                 if found is not None:
                     self.metrics.observe("coalesced")
                     return found[0]
 
-    async def _lock(self, key: str, token: bytes) -> bool:
-        """Take the cross-replica lock of `key`; True also when the store is down (then
-        there is nobody to coordinate with and this replica just produces)."""
+    async def _acquire(self, lock: ReplicaLock) -> bool:
+        """Take `lock`; True also when the store is down (then there is nobody to
+        coordinate with and this replica just produces)."""
         try:
-            return await self._call(
-                self.store.set_if_absent(key + LOCK_SUFFIX, token, self.lock_ttl_s))
+            return await self._call(lock.acquire())
         except StoreError:
             return True
 
     @contextlib.asynccontextmanager
-    async def _holding(self, key: str, token: bytes) -> AsyncIterator[None]:
-        """Renew the lock every third of its lifetime while the body runs; release it
-        after, if it is still ours."""
-        lock = key + LOCK_SUFFIX
-
+    async def _holding(self, lock: ReplicaLock) -> AsyncIterator[None]:
+        """Extend the lock every third of its lifetime while the body runs; release it
+        after, if it is still ours. (With the store down it was never taken: nothing
+        to do.)"""
         async def renew() -> None:
             while True:
                 await asyncio.sleep(self.lock_ttl_s / 3)
                 try:
-                    if not await self._call(
-                            self.store.expire_if_equal(lock, token, self.lock_ttl_s)):
+                    if not await self._call(lock.extend()):
                         self.metrics.observe("lock_lost")
-                        log.warning("lost the lock of %s while producing", key)
+                        log.warning("lost the lock %s while producing", lock.name)
                         return
                 except StoreError:
                     pass  # the next renewal tries again; the lock outlives one failure
 
-        renewal = asyncio.create_task(renew())
+        renewal = asyncio.create_task(renew()) if lock.taken else None
         try:
             yield
         finally:
-            renewal.cancel()
-            try:
-                await self._call(self.store.delete_if_equal(lock, token))
-            except StoreError as exc:
-                log.warning("could not release the lock of %s (it expires): %s", key, exc)
+            if renewal is not None:
+                renewal.cancel()
+                try:
+                    await self._call(lock.release())
+                except StoreError as exc:
+                    log.warning("could not release the lock %s (it expires): %s", lock.name,
+                                exc)
 
-    async def _wait_for_other_replica(self, key: str) -> bool:
-        """Poll while another replica holds the lock of `key` (at most the lock's lifetime
-        after that replica stops renewing it). True when its value may be there (the lock
-        is gone, or the value appeared); False when the store fails (this replica then
-        produces)."""
+    async def _wait_for_other_replica(self, lock: ReplicaLock, key: str) -> bool:
+        """Poll while another replica holds `lock` (at most its lifetime after that replica
+        stops extending it). True when its value may be there (the lock is gone, or the
+        value appeared); False when the store fails (this replica then produces)."""
         try:
-            while await self._call(self.store.exists(key + LOCK_SUFFIX)):
+            while await self._call(lock.held()):
                 await asyncio.sleep(self.poll_s)
                 if await self._call(self.store.exists(key)):
                     return True
@@ -308,8 +301,35 @@ class TokenCache:
             return False
 
 
-async def _wait(pending: asyncio.Future[T], deadline: float | None) -> T:
-    """The outcome of another call's production, or `DeadlineError` at `deadline`."""
+class SingleFlight:
+    """One run at a time of the work for a key, shared by every caller that asks while it
+    runs. The work runs in a task of its own: a caller that stops waiting (cancelled,
+    or past its deadline) never stops it for the others."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future[Any]] = {}
+
+    def start(self, key: str, work: Callable[[], Awaitable[T]]) -> tuple[asyncio.Future[T], bool]:
+        """The run of `work()` for `key` (`wait` for it), and whether it was already under
+        way (then `work` is not called)."""
+        running = self._running.get(key)
+        if running is not None:
+            return running, True
+        started = asyncio.ensure_future(work())
+        self._running[key] = started
+        started.add_done_callback(lambda done: self._settled(key, done))
+        return started, False
+
+    def _settled(self, key: str, task: asyncio.Future[Any]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it itself
+
+
+async def wait(pending: asyncio.Future[T], deadline: float | None) -> T:
+    """The outcome of a shared run, or `DeadlineError` at `deadline` (`time.monotonic()`);
+    the run itself goes on."""
     if deadline is None:
         return await asyncio.shield(pending)
     try:

@@ -40,8 +40,12 @@ class CacheConfig(BaseModel):
     tls_ca_file: str | None = None
     """CA bundle that signs the Redis server certificate (rediss:// only)."""
     secret: SecretStr | None = None
-    """Key of the entries' HMAC-SHA256 (from a secret, as `HERO_VISION_CACHE__SECRET`);
-    set, entries without a valid MAC (written by anyone without it) are dropped."""
+    """Key of the entries' HMAC-SHA256 (from a secret, as `HERO_VISION_CACHE__SECRET`):
+    entries without a valid MAC (written by anyone without it) are dropped. Required
+    with a Redis cache unless `allow_unsigned` (see `VisionConfig.require_cache_secret`)."""
+    allow_unsigned: bool = False
+    """Run a Redis cache without `secret`: anyone who can write to that Redis can then
+    forge entries. Only for private test setups; `memory://` never needs a secret."""
     lock_ttl_s: float = Field(10.0, gt=0)
     """Lifetime of the lock a replica holds while it encodes an image; it renews the lock
     every third of that, so a replica that dies stalls others at most this long."""
@@ -129,6 +133,21 @@ class VisionConfig(ServiceSettings):
         """The tokens the public API accepts; `MissingTokensError` when there are none
         and `allow_unauthenticated` is not set (the service does not start)."""
         return require_tokens(self.api_tokens, self.allow_unauthenticated, ENV_PREFIX)
+
+    def require_cache_secret(self) -> None:
+        """`ConfigError` when the cache is a Redis and entries would carry no MAC (no
+        `cache.secret`) without `cache.allow_unsigned`: the service refuses to start
+        rather than serve what anyone with write access to Redis put there."""
+        from hero_core.errors import ConfigError
+        from services.common.config import secret_value
+
+        unsigned = not secret_value(self.cache.secret) and not self.cache.allow_unsigned
+        if unsigned and not self.cache.url.startswith("memory:"):
+            raise ConfigError(
+                "cache.secret is not set: anyone who can write to the Redis cache could "
+                "forge the tokens served for any image. Set HERO_VISION_CACHE__SECRET (e.g. "
+                "`openssl rand -hex 32`, the same on every replica), or set "
+                "cache.allow_unsigned: true for a private test setup")
 
     def method(self, name: str) -> Any:
         """The pruning method `name` with this deployment's options."""

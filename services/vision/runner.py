@@ -8,7 +8,9 @@ config (`serveConfigV2`) itself.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -54,6 +56,8 @@ class ServeApp:
         self.env = dict(env or {})
         """`HERO_VISION_*` variables for the app's replicas (secrets, overrides): they reach
         Ray's processes, not this one's environment."""
+        self.drain_signal: Any = None
+        """The `services.vision.drain.DrainSignal` actor the ingress replicas follow."""
 
     @property
     def grpc_target(self) -> str:
@@ -64,6 +68,7 @@ class ServeApp:
 
         from services.vision.app import build_app
         from services.vision.config import VisionConfig
+        from services.vision.drain import RUNNER_ENV
 
         schema = ServeDeploySchema.model_validate(self.config)
         (app,) = schema.applications
@@ -71,8 +76,9 @@ class ServeApp:
             # The app's args are checked (values, API tokens) before Ray starts.
             deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
             application = build_app(app.args, deployments)
-            # Serve's proxy reads its message bound from the environment when it starts.
-            env = {**self.env, **VisionConfig.load(values=app.args).proxy_env()}
+            # Serve's proxy reads its message bound (and its drain period) from the
+            # environment when it starts.
+            env = {**self.env, **VisionConfig.load(values=app.args).proxy_env(), **RUNNER_ENV}
         with environment(env):
             self._deploy(schema, application, env)
         deadline = time.monotonic() + timeout_s
@@ -86,6 +92,8 @@ class ServeApp:
         import ray
         from ray import serve
 
+        from services.vision.drain import create_signal
+
         (app,) = schema.applications
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace="serve",
                  _node_ip_address=self.node_ip, log_to_driver=False,
@@ -93,6 +101,7 @@ class ServeApp:
                  runtime_env={"working_dir": None,
                               "env_vars": {"PYTHONPATH": str(ROOT), **env}},
                  ignore_reinit_error=True)
+        self.drain_signal = create_signal()  # before the replicas, which look it up
         serve.start(proxy_location=schema.proxy_location,
                     http_options=schema.http_options.model_dump(),
                     grpc_options=schema.grpc_options.model_dump())
@@ -108,6 +117,24 @@ class ServeApp:
             raise RuntimeError(f"vision app failed to deploy: {status.message}")
         return status is not None and status.status == "RUNNING"
 
+    def drain(self, grace_s: float | None = None, hurry: threading.Event | None = None
+              ) -> bool:
+        """Drain the app before `stop()`: refuse new calls (UNAVAILABLE) and report
+        NOT_SERVING, let running calls finish within `grace_s` (default: the VisionIngress
+        deployment's `graceful_shutdown_timeout_s`) or until `hurry` is set, then end the
+        rest with UNAVAILABLE. Whether every call ended within the grace."""
+        from services.vision.drain import drain_app, ingress_grace_s
+
+        if self.drain_signal is None:
+            return True
+        grace = ingress_grace_s(self.config) if grace_s is None else grace_s
+        try:
+            return drain_app(self.drain_signal, grace, hurry)
+        except Exception:  # Ray or Serve already gone: nothing left to drain
+            logging.getLogger("hero.vision").warning("drain failed; stopping without it",
+                                                     exc_info=True)
+            return False
+
     def stop(self) -> None:
         import ray
         from ray import serve
@@ -115,3 +142,4 @@ class ServeApp:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        self.drain_signal = None

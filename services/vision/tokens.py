@@ -1,11 +1,20 @@
-"""Pruned tokens for one request: the image's cache entry (or one encoding of it), then
-this request's budgets. Plain asyncio: no gRPC or Ray here, so it is tested with an
-in-process encoder and a real Redis; the ingress adapts it to the RPCs.
+"""Pruned tokens for one request, by the two stages of `hero_core.stages`. Plain asyncio:
+no gRPC or Ray here, so it is tested with an in-process encoder and a real Redis.
 
-A miss is encoded once however many requests want it (`TokenCache.get_or_create`).
-What belongs to one request alone (its image bytes fetched by id, its prompt checked
-against the language service) is done before it encodes, never by the requests that
-wait for it, so they never inherit its failure.
+* A hit: the key (from the image's content hash, the encoder and the method), the
+  cache's entry, `select_tokens` for this request's retention and question (whose
+  embedding the encoder's text tower computes while the cache is read).
+* A miss: what belongs to this request first (an image sent by id is fetched from the
+  store; a Generate's prompt is checked by the language service, `pipeline`), then one
+  encoding (stage 1, in the encoder deployment) shared by every request that misses the
+  same entry meanwhile (`TokenCache.once`), stored, then `select_tokens`. A request
+  that joins another's encoding never inherits what was checked for that one alone.
+
+A stored entry either serves a correct answer or is dropped and rebuilt: it is checked
+against what the encoder makes when it is read (`hero_core.cache.read_entry`), and a
+selection from it that fails for this request's question drops it too (the image is
+then encoded again, from the request's bytes or the stored image of an id; an id alone
+that is no longer stored gets NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -15,42 +24,29 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from hero.vision.v1 import vision_pb2
 
 from hero_core.cache import (
+    Entry,
+    EntrySpec,
     Origin,
-    RankedEntry,
-    check_entry,
-    entry_from_bytes,
     image_digest,
     image_key,
-    request_fingerprint,
-    select_from_entry,
-    tokens_key,
+    read_entry,
+    write_entry,
 )
-from hero_core.config import Limits
-from hero_core.errors import (
-    CorruptPayloadError,
-    ImageSizeError,
-    InvalidInputError,
-    LayoutError,
-)
-from hero_core.image import decode_image
-from hero_core.methods import PruningMethod, RankedMethod
-from hero_core.methods.base import Ranking
-from hero_core.packing import PackedTokens, check_packed
-from hero_core.pipeline import check_ratio
-from hero_core.serialization import packed_from_bytes
-from hero_core.tiling import TilingSpec, plan_grid, tile_image
+from hero_core.errors import ImageSizeError, InvalidInputError, InvalidRatioError
+from hero_core.methods import PruningMethod
+from hero_core.packing import PackedTokens
+from hero_core.stages import Selected, check_ratio, entry_origin, select_tokens
 from services.common.errors import NotFoundError, UnavailableError
 from services.common.store import StoreError
 from services.vision.cache import TokenCache
 from services.vision.config import VisionConfig
-from services.vision.encoder import EncodeJob, EncodeResult
+from services.vision.encoder import Encoded, EncodeRequest
 from services.vision.metrics import VisionMetrics
 
 log = logging.getLogger("hero.vision")
@@ -60,22 +56,13 @@ DIGEST = re.compile(r"^[0-9a-f]{64}$")
 class EncoderClient(Protocol):
     """The encoder deployment as the token path sees it."""
 
-    async def encode(self, job: EncodeJob) -> EncodeResult: ...
+    async def spec(self) -> EntrySpec: ...
+    async def encode(self, request: EncodeRequest) -> Encoded: ...
     async def embed_question(self, question: str) -> torch.Tensor | None: ...
 
 
 class ImageNotFoundError(NotFoundError):
     """An image id the service no longer (or never) had."""
-
-
-@dataclasses.dataclass
-class ImageSource:
-    """Where a request's image comes from: its bytes, or only its id (bytes fetched from
-    the store when the image must be encoded)."""
-
-    digest: str
-    data: bytes | None
-    uploaded: bool
 
 
 @dataclasses.dataclass
@@ -86,126 +73,150 @@ class Tokens:
     image_id: str
     cache_hit: bool
     vision_ms: float
+    """From the request's arrival at the token path to its tokens."""
     queue_ms: float
+    """Of that, the wait for a place in the encoders (a miss that encoded)."""
+
+
+@dataclasses.dataclass
+class TokenRequest:
+    """What one request's tokens are made of, and where its image comes from."""
+
+    digest: str
+    image: bytes | None
+    """The image bytes; None for an image sent by id until a miss fetches them."""
+    uploaded: bool
+    method: PruningMethod
+    method_name: str
+    ratio: float
+    origin: Origin
+    question: asyncio.Future[torch.Tensor | None] | None
+    """The question's embedding, under way; None when the method does not read it."""
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    async def question_embed(self) -> torch.Tensor | None:
+        return None if self.question is None else await self.question
+
+    def close(self) -> None:
+        """Stop computing the question's embedding if nobody will read it (a failure of
+        an embedding nobody read is not this request's)."""
+        if self.question is None:
+            return
+        if not self.question.done():
+            self.question.cancel()
+        elif not self.question.cancelled():
+            self.question.exception()  # retrieved
 
 
 class TokenSource:
-    """Cache lookup or encoding, then selection, for one request at a time."""
+    """The cache or one encoding, then this request's selection."""
 
     def __init__(self, config: VisionConfig, encoder: EncoderClient, cache: TokenCache,
-                 tiling: TilingSpec, encoder_fp: str, feature_dim: int,
-                 metrics: VisionMetrics | Any):
-        self.config, self.encoder, self.cache = config, encoder, cache
-        self.tiling, self.encoder_fp, self.feature_dim = tiling, encoder_fp, feature_dim
-        self.metrics = metrics
-        self.limits = Limits(config.max_image_bytes, config.max_image_pixels,
-                             config.max_prompt_chars)
+                 metrics: VisionMetrics):
+        self.config, self.encoder, self.cache, self.metrics = config, encoder, cache, metrics
+        self._spec: asyncio.Future[EntrySpec] | None = None
+
+    async def spec(self) -> EntrySpec:
+        """What the encoder's entries are made with, asked once (again after a failure)."""
+        failed = self._spec is not None and self._spec.done() and (
+            self._spec.cancelled() or self._spec.exception() is not None)
+        if self._spec is None or failed:
+            self._spec = asyncio.ensure_future(self.encoder.spec())
+        return await asyncio.shield(self._spec)
 
     async def tokens(self, image: vision_pb2.ImageInput, options: vision_pb2.PruneOptions,
-                     question: str, *, check: Callable[[], Awaitable[None]] | None = None,
-                     deadline: float | None = None) -> Tokens:
-        """Pruned tokens for this image and request (features in the cache dtype).
-
-        `check` runs before this request encodes a miss itself (not on a hit, nor when it
-        joins another request's encoding); `deadline` (`time.monotonic()`) bounds waiting
-        for another request's encoding.
-        """
-        start = time.perf_counter()
-        method = self.config.method(options.method or self.config.default_method)
-        ratio = check_ratio(options.retention or self.config.default_retention)
-        source = self._image_source(image)
-        method_fp = method.compute_hash()
-        ranked = isinstance(method, RankedMethod)
-        request_fp = "" if ranked else request_fingerprint(ratio, None)
-        key = tokens_key(source.digest, self.encoder_fp, method_fp, request_fp)
-        origin = Origin(source.digest, self.encoder_fp,
-                        f"{method_fp}:{request_fp}" if request_fp else method_fp)
-        timing: dict[str, float] = {}
-
-        async def prepare() -> None:
-            if check is not None:
-                await check()
-            if source.data is None:
-                source.data = await self._stored_image(source.digest)
-
-        async def encode() -> bytes:
-            assert source.data is not None  # prepare() ran
-            return await self._encode(source, origin, method, ratio, timing)
-
-        if ranked:
-            packed, hit = await self._ranked(key, encode, prepare, method, origin, ratio,
-                                             question, deadline)
-        else:
-            packed, hit = await self.cache.get_or_create(
-                key, encode, lambda b: self._packed(b, origin), prepare=prepare,
-                deadline=deadline)
-        vision_ms = (time.perf_counter() - start) * 1e3
-        self.metrics.stage("vision", vision_ms)
-        self.metrics.tokens_kept.observe(packed.num_tokens)
-        return Tokens(packed, source.digest, hit, vision_ms, timing.get("queue_ms", 0.0))
-
-    async def _ranked(self, key: str, encode: Callable[[], Awaitable[bytes]],
-                      prepare: Callable[[], Awaitable[None]], method: RankedMethod,
-                      origin: Origin, ratio: float, question: str,
-                      deadline: float | None) -> tuple[PackedTokens, bool]:
-        """A prefix-shaped method's tokens: the image's entry (cached or encoded), then this
-        question's budgets. The text tower runs while the cache is read (or the image
-        encoded)."""
-        embed = asyncio.create_task(self._embed(question)) if method.uses_question else None
+                     question: str, *, deadline: float | None = None) -> Tokens:
+        """The request's tokens from the cache or, on a miss, one encoding; `deadline`
+        (`time.monotonic()`) bounds waiting for another request's encoding."""
+        want = await self.request(image, options, question)
         try:
-            entry, hit = await self.cache.get_or_create(
-                key, encode, lambda b: self._entry(b, method, origin, ratio),
-                prepare=prepare, deadline=deadline)
-            question_embed = await embed if embed is not None else None
+            return await self.cached(want) or await self.encoded(want, deadline)
         finally:
-            if embed is not None and not embed.done():
-                embed.cancel()
-        grid = entry.grid(self.tiling)
-        return select_from_entry(entry, method, grid, ratio, question_embed), hit
+            want.close()
 
-    def _entry(self, data: bytes, method: RankedMethod, origin: Origin,
-               ratio: float) -> RankedEntry:
-        """A cached ranked entry, checked to be from `origin` and usable for every
-        request: `CorruptPayloadError` (dropped and re-encoded by the cache) otherwise."""
-        entry = entry_from_bytes(data, origin.method, origin)
-        grid = entry.grid(self.tiling)
-        check_entry(entry, grid, self.feature_dim)
-        try:
-            budgets = method.budgets(Ranking(entry.order, entry.state), grid, ratio, None)
-        except Exception as exc:  # state of the wrong shape for this method
-            raise CorruptPayloadError(f"entry state is unusable: {type(exc).__name__}") from exc
-        if len(budgets) != grid.num_crops:
-            raise CorruptPayloadError("entry state gives budgets for another grid")
-        return entry
+    async def request(self, image: vision_pb2.ImageInput, options: vision_pb2.PruneOptions,
+                      question: str) -> TokenRequest:
+        """The request's method, retention, image and key; the question's embedding starts
+        (`TokenRequest.close` ends it when it is not read)."""
+        name = options.method or self.config.default_method
+        method = self.config.method(name)
+        ratio = check_ratio(options.retention or self.config.default_retention)
+        digest, data = self._image(image)
+        spec = await self.spec()
+        embed = asyncio.ensure_future(self.encoder.embed_question(question)) \
+            if method.uses_question and question.strip() else None
+        return TokenRequest(digest, data, data is not None, method, name, ratio,
+                            entry_origin(method, ratio, digest, spec.encoder), embed)
 
-    def _packed(self, data: bytes, origin: Origin) -> PackedTokens:
-        """Cached packed tokens, checked to be from `origin` and a valid layout."""
-        packed = packed_from_bytes(data, origin.check)
-        try:
-            check_packed(packed, plan_grid(packed.image_size, self.tiling), self.feature_dim)
-        except LayoutError as exc:
-            raise CorruptPayloadError(f"cached layout is invalid: {exc}") from exc
-        return packed
-
-    async def _embed(self, question: str) -> Any:
-        if not question.strip():
+    async def cached(self, want: TokenRequest) -> Tokens | None:
+        """A hit: the stored entry's selection for this request; None on a miss (or when
+        the entry is unusable for this question: it is dropped)."""
+        spec = await self.spec()
+        entry = await self.cache.find(want.origin.key, lambda data: read_entry(
+            data, want.origin, want.method, spec))
+        if entry is None:
             return None
-        return await self.encoder.embed_question(question)
+        question = await want.question_embed()
+        try:
+            selected = select_tokens(entry, want.method, want.ratio, question)
+        except InvalidRatioError:
+            raise  # this request's retention keeps nothing of the image: the client's
+        except Exception as exc:
+            await self.cache.discard(want.origin.key, f"unusable for this question: "
+                                                      f"{exc!r:.200}")
+            return None
+        return self._tokens(want, selected, hit=True, queue_ms=0.0)
 
-    def _image_source(self, image: vision_pb2.ImageInput) -> ImageSource:
+    async def encoded(self, want: TokenRequest, deadline: float | None) -> Tokens:
+        """A miss: this request's image (an id's stored bytes), then the entry from the one
+        encoding of it (stored by whoever made it), then the selection."""
+        if want.image is None:
+            want.image = await self._stored_image(want.digest)
+        spec = await self.spec()
+        made = await self.cache.once(
+            want.origin.key, lambda: self._encode(want),
+            lambda data: Made(read_entry(data, want.origin, want.method, spec), 0.0),
+            deadline=deadline)
+        selected = select_tokens(made.entry, want.method, want.ratio,
+                                 await want.question_embed())
+        return self._tokens(want, selected, hit=False, queue_ms=made.queue_ms)
+
+    def _tokens(self, want: TokenRequest, selected: Selected, hit: bool,
+                queue_ms: float) -> Tokens:
+        vision_ms = (time.perf_counter() - want.start) * 1e3
+        self.metrics.stage("vision", vision_ms)
+        self.metrics.tokens_kept.observe(selected.packed.num_tokens)
+        return Tokens(selected.packed, want.digest, hit, vision_ms, queue_ms)
+
+    async def _encode(self, want: TokenRequest) -> tuple[Made, bytes]:
+        """Stage 1 in the encoder deployment, and the bytes to store. Uploaded bytes are
+        stored for later `image_id` requests once they have decoded as an image."""
+        assert want.image is not None
+        sent = time.perf_counter()
+        encoded = await self.encoder.encode(EncodeRequest(want.image, want.method_name,
+                                                          want.ratio))
+        round_trip_ms = (time.perf_counter() - sent) * 1e3
+        queue_ms = max(round_trip_ms - encoded.tile_ms - encoded.encode_ms, 0.0)
+        self.metrics.stage("queue", queue_ms)
+        if want.uploaded and self.config.cache.store_images:
+            await self.cache.put(image_key(want.digest), want.image)
+        return Made(encoded.entry, queue_ms), write_entry(encoded.entry)
+
+    def _image(self, image: vision_pb2.ImageInput) -> tuple[str, bytes | None]:
+        """The image's id, and its bytes when the request carries them."""
         which = image.WhichOneof("source")
         if which == "data":
             if not image.data:
                 raise ImageSizeError("image is empty (0 bytes); send the encoded file's bytes")
-            if len(image.data) > self.limits.max_image_bytes:
+            if len(image.data) > self.config.max_image_bytes:
                 raise ImageSizeError(f"image is {len(image.data)} bytes, above max_image_bytes="
-                                     f"{self.limits.max_image_bytes}; send a smaller file")
-            return ImageSource(image_digest(image.data), image.data, uploaded=True)
+                                     f"{self.config.max_image_bytes}; send a smaller file")
+            return image_digest(image.data), image.data
         if which == "image_id":
             if not DIGEST.match(image.image_id):
                 raise InvalidInputError("image_id must be the 64-hex-digit id returned in "
                                         "accepted.image_id")
-            return ImageSource(image.image_id, None, uploaded=False)
+            return image.image_id, None
         raise InvalidInputError("send the image bytes or an image_id")
 
     async def _stored_image(self, digest: str) -> bytes:
@@ -217,7 +228,7 @@ class TokenSource:
             raise UnavailableError("the image store is unreachable, so an image_id cannot be "
                                    "looked up now; retry, or send the image bytes") from exc
         if data is not None and image_digest(data) != digest:
-            self.metrics.observe("corrupt")
+            self.cache.metrics.observe("corrupt")
             log.warning("stored image %s... does not hash to its id; dropped", digest[:12])
             await self.cache.invalidate(key)
             data = None
@@ -226,19 +237,11 @@ class TokenSource:
                                      "never sent); send the image bytes")
         return data
 
-    async def _encode(self, source: ImageSource, origin: Origin, method: PruningMethod,
-                      ratio: float, timing: dict[str, float]) -> bytes:
-        """Decode, tile and encode one image (the cache miss path). Uploaded bytes are
-        stored for later `image_id` requests only once they decode as an image."""
-        assert source.data is not None
-        picture = await asyncio.to_thread(decode_image, source.data, self.limits)
-        if source.uploaded and self.config.cache.store_images:
-            await self.cache.put(image_key(source.digest), source.data)
-        pixels, grid = await asyncio.to_thread(tile_image, picture, self.tiling)
-        sent = time.perf_counter()
-        job = EncodeJob(pixels, grid.image_size, method.name, ratio, origin)
-        result = await self.encoder.encode(job)
-        round_trip_ms = (time.perf_counter() - sent) * 1e3
-        timing["queue_ms"] = max(round_trip_ms - result.encode_ms, 0.0)
-        self.metrics.stage("queue", timing["queue_ms"])
-        return result.value
+
+@dataclasses.dataclass
+class Made:
+    """The entry of a miss, and how long its encoding waited for the encoders (0 when
+    another replica made it)."""
+
+    entry: Entry
+    queue_ms: float

@@ -5,16 +5,11 @@ Ray Serve app. Runs inside a private network namespace (`.ci/isolated`, as
 from __future__ import annotations
 
 import io
-import socket
 
 import pytest
 from PIL import Image
 
-from tests.conftest import MODELS_DIR
-
-
-def only_loopback() -> bool:
-    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+from tests.conftest import MODELS_DIR, only_loopback
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,3 +57,11 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+STOPS_THE_SYSTEM = "test_system_shutdown.py"
+"""The tests that stop the session's system run after every other integration test."""
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name == STOPS_THE_SYSTEM)

@@ -72,9 +72,8 @@ def test_a_client_cancel_stops_the_generation_in_the_language_service(system, cl
     assert next(events).WhichOneof("event") == "delta"
     call.cancel()
     assert call.code() == grpc.StatusCode.CANCELLED
-    # Serve's proxy cancels the ingress call, which cancels its language call (usually
-    # within tens of ms); when the proxy drops the cancel, the deadline the client sent
-    # still ends the language call. Either way the answer (8+ s long) is cut short.
+    # Serve's proxy (through services.vision.api.relay) cancels the ingress call, which
+    # cancels its language call within tens of ms: the answer (8+ s long) is cut short.
     wait_cancelled(system, before)
 
 

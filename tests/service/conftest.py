@@ -68,7 +68,7 @@ def language_config(**overrides):
 
 def language_server(model, **overrides) -> ServerThread:
     """A language server with the engine its config names, around the shared model."""
-    from services.language.engine import build_engine
+    from services.language.app import build_engine
 
     config = language_config(**overrides)
     return ServerThread(config, lambda: build_engine(config, model)).ready()
@@ -99,6 +99,23 @@ def reference(vlm):
     return run
 
 
+@pytest.fixture(scope="module")
+def encoder_object(tiny_dir):
+    """The vision encoder replica's object, in this process (memory-only cache settings)."""
+    from services.vision.encoder import Encoder
+    from tests.service.vision_harness import vision_config
+
+    return Encoder(vision_config("memory://"))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A private Redis shared by one module's tests."""
+    server = RedisProcess(maxmemory="64mb").start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture()
 def redis_server() -> Iterator[RedisProcess]:
     """A private Redis server process on a free loopback port, for one test."""
@@ -107,9 +124,11 @@ def redis_server() -> Iterator[RedisProcess]:
     server.stop()
 
 
-def cache_for(url: str, **kwargs) -> tuple[TokenCache, CountingMetrics]:
-    """A token cache over the store at `url`, with metrics that count its events."""
+def cache_for(url: str, timeout_s: float = 0.25, **kwargs
+              ) -> tuple[TokenCache, CountingMetrics]:
+    """A token cache over the store at `url` (calls time out after `timeout_s`), with
+    metrics that count its events."""
     metrics = CountingMetrics()
     settings = {"ttl_s": 60.0, "max_entry_bytes": 1 << 20, **kwargs}
-    return TokenCache(open_store(url), metrics, settings["ttl_s"],
+    return TokenCache(open_store(url, timeout_s), metrics, settings["ttl_s"],
                       settings["max_entry_bytes"]), metrics

@@ -19,7 +19,6 @@ from services.common.store import StoreError, open_store
 from services.local import RedisProcess, free_port
 from services.vision.api import add_public_services
 from services.vision.cache import CacheHealth, CountingMetrics, TokenCache
-from services.vision.encoder import Encoder
 from services.vision.ingress import HEALTH_CACHE_S, VisionIngress, cache_metadata
 from tests.service.redis_tls import TlsTerminator, make_pki
 from tests.service.vision_harness import Context, InProcessEncoder, png_bytes, vision_config
@@ -128,11 +127,6 @@ def test_health_metadata_names_a_degraded_cache_without_hosts():
                               "cache.url")]
     assert cache_metadata(CacheHealth(True)) == [("hero-cache", "ok")]
     assert cache_metadata(CacheHealth()) == [("hero-cache", "unknown")]
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
 
 
 def run_ingress(scenario, encoder_object, language_port: int, url: str, **cache):

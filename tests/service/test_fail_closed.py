@@ -1,6 +1,8 @@
 """Both services fail closed: without API tokens they refuse to start, naming the
 variables to set, unless `allow_unauthenticated` turns authentication off explicitly;
-tokens, when given, are required whether or not it is set."""
+tokens, when given, are required whether or not it is set. Likewise the vision service
+refuses a Redis cache without the key of its entries' HMAC unless `cache.allow_unsigned`
+says so, and `hero serve` makes a key per run."""
 
 from __future__ import annotations
 
@@ -98,6 +100,12 @@ def test_tokens_are_required_even_where_unauthenticated_starts_are_allowed(langu
         server.stop()
 
 
+def ray_must_not_start(*args, **kwargs):
+    """`ray.init` where a refused app must not get that far (Ray may already run in this
+    process: the integration suite's system, in a one-process run)."""
+    raise AssertionError("Ray was started for an app the config refuses")
+
+
 def test_the_vision_app_is_refused_before_ray_starts_without_tokens(monkeypatch):
     """The deploy (`build_app`, what KubeRay and `serve deploy` run) and the single-node
     runner refuse it, naming the variables; Ray is never started."""
@@ -111,9 +119,9 @@ def test_the_vision_app_is_refused_before_ray_starts_without_tokens(monkeypatch)
     with pytest.raises(MissingTokensError) as refused:
         build_app(args)
     assert all(name in str(refused.value) for name in VISION_VARS)
+    monkeypatch.setattr(ray, "init", ray_must_not_start)
     with pytest.raises(MissingTokensError):
         ServeApp(serve_config(args, free_port(), free_port())).start()
-    assert not ray.is_initialized()
     build_app({**args, "allow_unauthenticated": True})
     monkeypatch.setenv("HERO_VISION_API_TOKENS", "a-token")
     build_app(args)
@@ -152,3 +160,71 @@ def test_the_local_system_turns_authentication_off_only_when_asked(tiny_dir, mon
     assert local.args["allow_unauthenticated"] is True and not local.requires_token()
     monkeypatch.setenv("HERO_VISION_API_TOKENS", "a-token")
     assert local.requires_token()
+
+
+def test_a_redis_cache_without_a_secret_is_refused_before_ray_starts(monkeypatch):
+    """Entries without a MAC could be forged by anyone who can write to Redis: the deploy
+    and the single-node runner refuse such a cache, naming the variable to set; an empty
+    secret is none; `cache.allow_unsigned` and `memory://` are accepted."""
+    import ray
+
+    from hero_core.errors import ConfigError
+    from services.local import serve_config
+    from services.vision.app import build_app
+    from services.vision.config import VisionConfig
+    from services.vision.runner import ServeApp
+
+    monkeypatch.delenv("HERO_VISION_CACHE__SECRET", raising=False)
+    for url in ("redis://127.0.0.1:6379/0", "rediss://cache:6380/0"):
+        args = vision_config(url, cache={"allow_unsigned": False})
+        with pytest.raises(ConfigError, match="HERO_VISION_CACHE__SECRET") as refused:
+            build_app(args)
+        assert "cache.allow_unsigned" in str(refused.value)
+        monkeypatch.setattr(ray, "init", ray_must_not_start)
+        with pytest.raises(ConfigError, match="HERO_VISION_CACHE__SECRET"):
+            ServeApp(serve_config(args, free_port(), free_port())).start()
+        monkeypatch.setenv("HERO_VISION_CACHE__SECRET", "")
+        with pytest.raises(ConfigError):
+            build_app(args)
+        monkeypatch.setenv("HERO_VISION_CACHE__SECRET", "a-secret-for-this-test")
+        build_app(args)
+        monkeypatch.delenv("HERO_VISION_CACHE__SECRET")
+        build_app({**args, "cache": {"url": url, "allow_unsigned": True}})
+    VisionConfig.load(values={"cache": {"url": "memory://"}}).require_cache_secret()
+
+
+def test_each_vision_replica_checks_its_cache_secret_in_its_own_environment(tiny_dir,
+                                                                           monkeypatch):
+    from hero_core.errors import ConfigError
+    from services.vision.ingress import VisionIngress
+
+    async def start(args) -> None:
+        ingress = VisionIngress(object(), args)  # type: ignore[arg-type]
+        await ingress.cache.store.close()
+        await ingress.language.close()
+
+    args = vision_config("redis://127.0.0.1:1/0", cache={"allow_unsigned": False})
+    monkeypatch.delenv("HERO_VISION_CACHE__SECRET", raising=False)
+    with pytest.raises(ConfigError, match="HERO_VISION_CACHE__SECRET"):
+        asyncio.run(start(args))
+    monkeypatch.setenv("HERO_VISION_CACHE__SECRET", "a-secret-for-this-test")
+    asyncio.run(start(args))
+
+
+def test_hero_serve_gives_its_vision_replicas_a_cache_secret_made_per_run(monkeypatch):
+    """`LocalSystem` (hero serve, the demo, the load and integration tests) hands each
+    run its own key through the replicas' environment, never this process's; a key
+    already set is kept, so runs that share a Redis can share entries."""
+    from services.local import CACHE_SECRET_ENV, LocalSystem
+
+    def secret(**kwargs) -> str | None:
+        return LocalSystem(redis_url="redis://127.0.0.1:1/0", **kwargs).vision_env.get(
+            CACHE_SECRET_ENV)
+
+    monkeypatch.delenv(CACHE_SECRET_ENV, raising=False)
+    first, second = secret(), secret(vision_env={"HERO_VISION_API_TOKENS": "t"})
+    assert first and second and first != second and len(first) == 64
+    assert CACHE_SECRET_ENV not in os.environ
+    assert secret(vision_env={CACHE_SECRET_ENV: "given"}) == "given"
+    monkeypatch.setenv(CACHE_SECRET_ENV, "from-the-shell")
+    assert secret() is None  # Ray's processes inherit the shell's

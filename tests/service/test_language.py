@@ -27,7 +27,7 @@ def tokens_of(parts):
 def requests(packed, prompt=QUESTION, dtype="float32", chunk_bytes=1 << 20, **params):
     settings = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": ()}
     settings.update(params)
-    header = make_header(prompt, None, "test", **settings)
+    header = make_header(prompt, None, "test", common_pb2.GenerationParams(**settings))
     return list(generate_requests(packed, header, dtype, chunk_bytes))
 
 
@@ -133,11 +133,21 @@ def test_sampling_with_a_seed_reproduces(server, astronaut_tokens):
         return [t for r in call(server, reqs)[:-1] for t in r.delta.token_ids]
     assert sample(7) == sample(7)
     assert sample(7) != sample(8) or sample(7) != sample(9)
+    assert sample(0) == sample(0)  # 0 is a seed like any other
+
+
+def test_sampling_without_a_seed_draws_a_fresh_answer_each_time(server, astronaut_tokens):
+    def sample():
+        reqs = requests(astronaut_tokens, max_new_tokens=32, temperature=1.0, seed=None,
+                        ignore_eos=True)
+        return [t for r in call(server, reqs)[:-1] for t in r.delta.token_ids]
+    assert len({tuple(sample()) for _ in range(3)}) == 3
 
 
 def test_chat_messages_are_accepted(server, astronaut_tokens):
     header = make_header(None, [("user", "Describe it."), ("assistant", "A person."),
-                                ("user", QUESTION)], "chat", 6, 0.0, 1.0, 0, ())
+                                ("user", QUESTION)], "chat",
+                         common_pb2.GenerationParams(max_new_tokens=6))
     out = call(server, list(generate_requests(astronaut_tokens, header, "float16", 1 << 20)))
     assert out[-1].usage.completion_tokens >= 1
 
@@ -272,7 +282,7 @@ def test_deadline_is_honoured_and_frees_the_slot(language_model, astronaut_token
 
 
 def test_health_is_serving_only_after_the_model_loaded(language_model):
-    from services.language.engine import build_engine
+    from services.language.app import build_engine
 
     gate = threading.Event()
 

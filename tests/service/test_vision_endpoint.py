@@ -14,25 +14,11 @@ from hero.vision.v1 import vision_pb2
 
 from services.common.errors import public_details
 from services.common.params import TIMEOUT_HEADER
-from services.local import RedisProcess
 from services.sdk.vision import generate_request
 from services.vision.api import MalformedRequest, lenient
-from services.vision.encoder import Encoder
 from services.vision.ingress import RequestFailed, VisionIngress
 from tests.service.conftest import language_server
 from tests.service.vision_harness import Context, InProcessEncoder, png_bytes, vision_config
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisProcess(maxmemory="64mb").start()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +227,7 @@ def test_language_calls_from_one_vision_replica_spread_over_the_servers(policy):
     """As in Kubernetes, where the headless Service resolves to every language pod: the
     vision service's client balances call by call (pick_first, for contrast, does not)."""
     from services.vision.config import VisionConfig
-    from services.vision.ingress import language_client
+    from services.vision.pipeline import language_client
 
     async def main():
         servers, fakes, ports = [], [], []
@@ -279,6 +265,7 @@ def test_the_language_service_requires_the_token_it_is_given_and_the_vision_send
     and the vision service's client sends the one it is given."""
     from grpc_health.v1 import health_pb2_grpc
 
+    from services.sdk.errors import ApiError
     from services.sdk.language import LanguageClient
 
     monkeypatch.setenv("HERO_LANGUAGE_API_TOKENS", "old-token,internal-token")
@@ -296,7 +283,7 @@ def test_the_language_service_requires_the_token_it_is_given_and_the_vision_send
                 await client.model_info(timeout=10)
                 await client.validate("What is shown?", timeout=10)
                 return "OK"
-            except grpc.aio.AioRpcError as exc:
+            except ApiError as exc:  # the SDK's typed errors
                 return exc.code()
             finally:
                 await client.close()

@@ -10,24 +10,19 @@ import redis
 import torch
 from hero.vision.v1 import vision_pb2
 
-from hero_core.cache import entry_from_bytes, entry_to_bytes, image_digest, image_key, tokens_key
+from hero_core.cache import entry_from_bytes, entry_to_bytes, image_digest, image_key
 from hero_core.errors import InvalidInputError
 from services.common.errors import UnavailableError
 from services.vision.cache import CountingMetrics, seal, unseal
-from services.vision.encoder import Encoder
 from services.vision.ingress import VisionIngress
 from services.vision.tokens import ImageNotFoundError
 from tests.service.vision_harness import (
     BatchingEncoder,
     InProcessEncoder,
+    key_of,
     png_bytes,
     vision_config,
 )
-
-
-@pytest.fixture(scope="module")
-def encoder_object(tiny_dir):
-    return Encoder(vision_config("memory://"))
 
 
 def by_bytes(data: bytes) -> vision_pb2.ImageInput:
@@ -54,11 +49,6 @@ def run(scenario, encoder_object, redis_url: str, **config):
     asyncio.run(main())
 
 
-def key_of(ingress: VisionIngress, data: bytes) -> str:
-    method_fp = ingress.config.method(ingress.config.default_method).compute_hash()
-    return tokens_key(image_digest(data), ingress.source.encoder_fp, method_fp)
-
-
 def same_tokens(a, b) -> bool:
     return torch.equal(a.packed.features, b.packed.features) and torch.equal(
         a.packed.crop, b.packed.crop) and torch.equal(a.packed.row, b.packed.row)
@@ -80,17 +70,18 @@ def test_a_bytes_request_never_inherits_the_failure_of_an_image_id_request(
     run(scenario, encoder_object, redis_server.url)
 
 
-def test_an_entry_rewritten_under_another_images_key_is_not_served(encoder_object,
-                                                                    redis_server):
+def test_an_entry_moved_under_another_images_key_is_not_served(encoder_object,
+                                                                redis_server):
+    """The envelope names the key it was stored under: a's stored value copied as it is
+    under b's key (a misrouted write, a copied key) is dropped, and b encoded."""
     raw = redis.Redis(port=redis_server.port)
 
     async def scenario(ingress, encoder):
         a, b = png_bytes(1), png_bytes(2)
         await ingress.source.tokens(by_bytes(a), OPTIONS, "what?")
         truth = await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")
-        # A Redis writer puts a's entry under b's key, in a valid envelope for that key.
-        value, _ = unseal(key_of(ingress, a), raw.get(key_of(ingress, a)))
-        raw.set(key_of(ingress, b), seal(key_of(ingress, b), value))
+        key_a, key_b = await key_of(ingress.source, a), await key_of(ingress.source, b)
+        raw.set(key_b, raw.get(key_a))
         served = await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")
         assert not served.cache_hit and same_tokens(served, truth)
         assert (await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")).cache_hit
@@ -106,7 +97,7 @@ def test_with_a_secret_only_entries_with_its_mac_are_served(encoder_object, redi
         data = png_bytes(3)
         truth = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
         assert (await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")).cache_hit
-        key = key_of(ingress, data)
+        key = await key_of(ingress.source, data)
         value, problem = unseal(key, raw.get(key), b"test-secret-not-for-production")
         assert problem == ""
         for forged in (seal(key, value), seal(key, value, b"another-secret")):
@@ -114,6 +105,31 @@ def test_with_a_secret_only_entries_with_its_mac_are_served(encoder_object, redi
             served = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
             assert not served.cache_hit and same_tokens(served, truth)
         assert len(encoder.jobs) == 3
+    run(scenario, encoder_object, redis_server.url)
+
+
+def test_with_a_secret_another_images_entry_resealed_under_a_key_is_rebuilt(
+        encoder_object, redis_server, monkeypatch):
+    """A Redis writer without the secret puts a's entry under b's key in an envelope for
+    that key (without a MAC, or with a MAC of its own key): every check but the MAC
+    passes (both images have the same grid), so the MAC is what refuses it."""
+    raw = redis.Redis(port=redis_server.port)
+    secret = b"test-secret-not-for-production"
+    monkeypatch.setenv("HERO_VISION_CACHE__SECRET", secret.decode())
+
+    async def scenario(ingress, encoder):
+        ingress.cache.metrics = counts = CountingMetrics()
+        a, b = png_bytes(8), png_bytes(9)
+        await ingress.source.tokens(by_bytes(a), OPTIONS, "what?")
+        truth = await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")
+        key_a, key_b = await key_of(ingress.source, a), await key_of(ingress.source, b)
+        value, _ = unseal(key_a, raw.get(key_a), secret)
+        for sealed in (seal(key_b, value), seal(key_b, value, b"the-writer's-own-key")):
+            raw.set(key_b, sealed)
+            served = await ingress.source.tokens(by_id(b), OPTIONS, "what?")
+            assert not served.cache_hit and same_tokens(served, truth)
+        assert counts.counts["unverified"] == 2 and len(encoder.jobs) == 4
+        assert (await ingress.source.tokens(by_bytes(b), OPTIONS, "what?")).cache_hit
     run(scenario, encoder_object, redis_server.url)
 
 
@@ -126,7 +142,7 @@ def test_a_stored_image_that_does_not_hash_to_its_id_is_never_encoded(encoder_ob
         await ingress.source.tokens(by_bytes(a), OPTIONS, "what?")
         key = image_key(image_digest(a))
         raw.set(key, seal(key, b))  # another picture under a's id
-        raw.delete(key_of(ingress, a))  # a's tokens expired: the next request must encode
+        raw.delete(await key_of(ingress.source, a))  # a's tokens expired: must encode
         with pytest.raises(ImageNotFoundError, match="send the image bytes"):
             await ingress.source.tokens(by_id(a), OPTIONS, "what?")
         assert len(encoder.jobs) == 1 and raw.get(key) is None
@@ -139,24 +155,17 @@ def test_an_inconsistent_entry_is_dropped_and_re_encoded(encoder_object, redis_s
     async def scenario(ingress, encoder):
         data = png_bytes(6)
         truth = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
-        key, method_fp = key_of(ingress, data), ingress.config.method("hero").compute_hash()
+        key, method_fp = await key_of(ingress.source, data), \
+            ingress.config.method("hero").compute_hash()
         value, _ = unseal(key, raw.get(key))
         for crop, index in ((1, 9999), (0, -3)):  # the record itself is well formed
             entry = entry_from_bytes(value, method_fp)
             entry.order[crop][0] = index
-            origin_value = entry_to_bytes(entry, method_fp, ingress_origin(ingress, data))
-            raw.set(key, seal(key, origin_value))
+            raw.set(key, seal(key, entry_to_bytes(entry, method_fp)))
             served = await ingress.source.tokens(by_bytes(data), OPTIONS, "what?")
             assert not served.cache_hit and same_tokens(served, truth)
         assert (await ingress.source.tokens(by_id(data), OPTIONS, "what?")).cache_hit
     run(scenario, encoder_object, redis_server.url)
-
-
-def ingress_origin(ingress: VisionIngress, data: bytes):
-    from hero_core.cache import Origin
-
-    method_fp = ingress.config.method(ingress.config.default_method).compute_hash()
-    return Origin(image_digest(data), ingress.source.encoder_fp, method_fp)
 
 
 def test_with_redis_down_an_image_id_is_unavailable_and_bytes_are_served(encoder_object,
@@ -175,13 +184,17 @@ def test_with_redis_down_an_image_id_is_unavailable_and_bytes_are_served(encoder
 
 def test_bytes_that_are_not_an_image_are_refused_and_not_stored(encoder_object,
                                                                  redis_server):
+    """The encoder decodes the bytes it is sent; bytes that are not an image fail there,
+    before any tower pass, and are never stored for later image_id requests."""
     raw = redis.Redis(port=redis_server.port)
 
     async def scenario(ingress, encoder):
         junk = b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 50
-        with pytest.raises(InvalidInputError):
+        encoded = encoder_object.images_encoded
+        with pytest.raises(InvalidInputError, match="could not be decoded"):
             await ingress.source.tokens(by_bytes(junk), OPTIONS, "what?")
-        assert raw.get(image_key(image_digest(junk))) is None and not encoder.jobs
+        assert raw.get(image_key(image_digest(junk))) is None
+        assert encoder_object.images_encoded == encoded
     run(scenario, encoder_object, redis_server.url)
 
 
@@ -238,13 +251,8 @@ def test_one_bad_image_in_a_batch_fails_alone(encoder_object, redis_server):
             source.tokens(by_bytes(good), OPTIONS, "what?"),
             source.tokens(by_bytes(bad), OPTIONS, "what?"), return_exceptions=True)
         assert [len(b) for b in encoder.batches] == [2]  # one tower pass for both
-        assert isinstance(failed, Exception) and "no-such-method" in str(failed)
+        assert isinstance(failed, Exception) and "layer 40" in str(failed)
         assert not served.cache_hit and same_tokens(served, truth[0])
-        assert not await source.cache.get(key_of_source(source, bad))  # nothing stored
+        assert not await source.cache.get(await key_of(source, bad))  # nothing stored
     run_batched(scenario, encoder_object, redis_server.url,
                 sabotage=frozenset({image_digest(bad)}))
-
-
-def key_of_source(source, data: bytes) -> str:
-    method_fp = source.config.method(source.config.default_method).compute_hash()
-    return tokens_key(image_digest(data), source.encoder_fp, method_fp)

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from hero_core.cache import (
+    ENTRY_KIND,
+    EntryShape,
+    RankedEntry,
     build_entry,
+    check_entry,
     entry_from_bytes,
     entry_to_bytes,
     request_fingerprint,
@@ -14,6 +18,7 @@ from hero_core.cache import (
 from hero_core.errors import CorruptPayloadError
 from hero_core.methods import METHODS, RankedMethod, create_method
 from hero_core.packing import pack_tokens
+from hero_core.serialization import decode_record, encode_record
 from tests.unit.test_methods import GRIDS, question, synthetic
 
 RANKED = [name for name, cls in METHODS.items() if issubclass(cls, RankedMethod)]
@@ -69,3 +74,65 @@ def test_keys_separate_images_encoders_methods_and_requests():
             tokens_key("a" * 64, "enc1", "random-1", request_fingerprint(0.1, None)),
             tokens_key("a" * 64, "enc1", "random-1", request_fingerprint(0.2, None))}
     assert len(keys) == 6
+
+
+SHAPE = EntryShape(feature_dim=16, dtype=torch.float32, embed_dim=32, max_pixels=50_000_000)
+
+
+@pytest.mark.parametrize("name", RANKED)
+@pytest.mark.parametrize("grid_name", sorted(GRIDS))
+def test_what_a_reader_expects_is_exactly_what_rank_makes(name, grid_name):
+    """`ranking_lengths` and `state_shapes` describe `rank`'s output, so `check_entry`
+    accepts every entry the encoder makes (and only entries of that shape)."""
+    crops, grid = synthetic(GRIDS[grid_name], seed=2)
+    method = create_method(name)
+    ranking = method.rank(crops, grid)
+    assert ranking.caps == method.ranking_lengths(grid)
+    shapes = method.state_shapes(grid, crops.image_embeds.shape[1])
+    assert {k: (tuple(v.shape), v.dtype) for k, v in ranking.state.items()} == shapes
+    entry = build_entry(ranking, crops.features, grid, torch.float32)
+    assert check_entry(entry, method, grid_tiling(), SHAPE) == grid
+
+
+def hero_entry() -> tuple[RankedEntry, object]:
+    crops, grid = synthetic(GRIDS["2x2"], seed=3)
+    hero = create_method("hero")
+    return build_entry(hero.rank(crops, grid), crops.features, grid, torch.float32), hero
+
+
+def nan_at(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor.view(-1)[tensor.numel() // 2] = float("nan")
+    return tensor
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: setattr(e, "image_size", (0, 0)), "outside 1..50000000 pixels"),
+    (lambda e: setattr(e, "image_size", (-700, 710)), "outside 1..50000000 pixels"),
+    (lambda e: setattr(e, "image_size", (100_000, 100_000)), "outside 1..50000000 pixels"),
+    (lambda e: setattr(e, "image_size", (336, 336)), "the grid has"),
+    (lambda e: e.state.__setitem__("embeds", e.state["embeds"][:, :16]), "state embeds"),
+    (lambda e: e.state.__setitem__("embeds", e.state["embeds"].double()), "state embeds"),
+    (lambda e: e.state.__setitem__("embeds", nan_at(e.state["embeds"])), "not finite"),
+    (lambda e: e.state.pop("embeds"), "state holds"),
+    (lambda e: e.features.__setitem__(1, e.features[1][:, :8]), "features"),
+    (lambda e: e.features.__setitem__(1, e.features[1].half()), "features"),
+    (lambda e: e.features.__setitem__(2, nan_at(e.features[2])), "not finite"),
+    (lambda e: (e.order.__setitem__(0, e.order[0][:-1]),
+                e.features.__setitem__(0, e.features[0][:-1])), "ranks 575 tokens"),
+])
+def test_check_entry_refuses_an_entry_unlike_what_the_encoder_makes(change, message):
+    entry, hero = hero_entry()
+    change(entry)
+    with pytest.raises(CorruptPayloadError, match=message):
+        check_entry(entry, hero, grid_tiling(), SHAPE)
+
+
+@pytest.mark.parametrize("size", [[0.0, 5], [True, 5], "5x5", [5], None])
+def test_an_entry_whose_image_size_is_not_two_integers_does_not_decode(size):
+    entry, hero = hero_entry()
+    data = entry_to_bytes(entry, hero.compute_hash())
+    meta, tensors = decode_record(data, ENTRY_KIND)
+    meta["image_size"] = size
+    with pytest.raises(CorruptPayloadError, match="image_size"):
+        entry_from_bytes(encode_record(ENTRY_KIND, meta, tensors), hero.compute_hash())

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from evals.calibration import default_images
 from hero_core.calibrate import (
     SPEC_DEPTH,
     CalibrationConfig,
@@ -21,6 +20,7 @@ from hero_core.calibrate import (
     topk_overlap,
 )
 from hero_core.dinov2 import load_dinov2_tower
+from services.calibration import default_images
 
 
 def check_rule(curves: LayerCurves, share_min: float) -> None:

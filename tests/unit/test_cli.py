@@ -128,3 +128,12 @@ def test_a_ratio_that_keeps_no_token_names_the_smallest_that_keeps_one(photo_pat
                   "--models-dir", str(tiny_dir.parent))
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["kept"] >= 1
+
+
+def test_an_unusable_tokens_path_is_refused_before_any_work(tmp_path, capsys):
+    from services.cli import main
+
+    code = main(["prune", str(tmp_path / "missing.png"), "--tokens",
+                 str(tmp_path / "no-such-folder" / "kept.tokens")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

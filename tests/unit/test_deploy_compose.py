@@ -379,3 +379,28 @@ def test_only_the_default_profile_runs_without_tokens():
         env = services[name]["environment"]
         (tokens,) = [v for k, v in env.items() if k.endswith("_API_TOKENS")]
         assert tokens.startswith("${HERO_") and tokens.endswith(":-}"), name  # from the shell
+
+
+def test_every_shipped_vision_service_requires_a_cache_secret(rendered):
+    """No shipped configuration runs the cache unsigned: a Redis-level writer cannot
+    forge entries. Kubernetes refuses to start a pod without the secret (not optional),
+    Compose refuses to start without HERO_CACHE_SECRET, and neither allows unsigned
+    entries."""
+    _, docs = rendered
+    vision = [c for c in containers(docs)
+              if any(e["name"].startswith("HERO_VISION_") for e in c.get("env", []))]
+    assert vision
+    for container in vision:
+        ref = {e["name"]: e for e in container["env"]}["HERO_VISION_CACHE__SECRET"]
+        key_ref = ref["valueFrom"]["secretKeyRef"]
+        assert key_ref["name"] == "hero-cache-secret" and not key_ref.get("optional")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        if any(k.startswith("HERO_VISION_") for k in env):
+            assert re.fullmatch(r"\$\{HERO_CACHE_SECRET:\?[^}]+\}",
+                                env["HERO_VISION_CACHE__SECRET"]), name
+    every_value = json.dumps(docs) + json.dumps(compose) + \
+        (ROOT / "services" / "vision" / "serve_config.yaml").read_text()
+    assert "allow_unsigned" not in every_value.lower() \
+        and "HERO_VISION_CACHE__ALLOW_UNSIGNED" not in every_value

@@ -3,7 +3,14 @@ import torch
 from services.language.batching.blocks import BlockManager
 from services.language.batching.scheduler import Policy, Scheduler
 from services.language.batching.sequence import Sequence, Status
-from services.language.decoding import SamplingParams, TextStream, held_back, sample, sample_rows
+from services.language.decoding import (
+    SamplingParams,
+    TextStream,
+    generator_for,
+    held_back,
+    sample,
+    sample_rows,
+)
 from services.language.model import EngineRequest
 
 
@@ -28,12 +35,21 @@ def test_rows_sample_with_their_own_parameters_and_generators():
     params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, seed=4)]
 
     def draw():
-        generators = [torch.Generator().manual_seed(p.seed) for p in params]
+        generators = [generator_for(p) for p in params]
         return [sample_rows(logits, params, generators) for _ in range(20)]
     first = draw()
     assert all(row[:2] == [1, 0] for row in first)  # greedy rows: argmax
     assert first == draw()  # the sampled row reproduces from its seed
     assert len({row[2] for row in first}) > 1
+
+
+def test_a_seed_reproduces_and_no_seed_draws_fresh_randomness():
+    def draws(seed):
+        return torch.rand(8, generator=generator_for(SamplingParams(seed=seed))).tolist()
+    assert draws(0) == draws(0) and draws(7) == draws(7)
+    assert draws(0) != draws(7)
+    assert draws(None) != draws(None)
+    assert draws(None) != draws(0)  # unset is not seed 0
 
 
 class Chars:
@@ -63,6 +79,25 @@ def test_text_stream_ends_at_eos_stop_strings_and_length():
     assert stream.add(ord("x")).text == "x"
     assert stream.add(ord("a")) is None
     assert stream.add(ord("c")).text == "ac"
+
+
+def test_every_counted_token_is_streamed_the_stop_string_and_eos_are_not():
+    for text, params, reason in [("say END now", SamplingParams(20, stop=("END",)), "stop"),
+                                 ("xEND", SamplingParams(20, stop=("x", "END")), "stop"),
+                                 ("abENDc", SamplingParams(20, stop=("ENDc",)), "stop"),
+                                 ("hi$", SamplingParams(10), "eos"),
+                                 ("a$b$", SamplingParams(4, ignore_eos=True), "length")]:
+        stream = TextStream(Chars(), params, frozenset({0}))
+        deltas = []
+        for c in text:
+            if not stream.done:
+                deltas.append(stream.add(ord(c) if c != "$" else 0))
+        deltas = [d for d in [*deltas, stream.finish()] if d is not None]
+        streamed = [t for d in deltas for t in d.token_ids]
+        assert stream.reason == reason
+        assert streamed == stream.ids, text
+        assert not any(stop in "".join(d.text for d in deltas) for stop in params.stop)
+        assert (0 in streamed) == params.ignore_eos
 
 
 def sequence(prompt, max_new=4, arrival=0.0):

@@ -34,6 +34,7 @@ from evals.fidelity.features import (
     encode_splits,
     fit_projection,
 )
+from evals.fidelity.prepare import random_tower
 from evals.fidelity.relevance import (
     NamedPairs,
     ProjectionConfig,
@@ -41,7 +42,6 @@ from evals.fidelity.relevance import (
     train_projection,
 )
 from evals.fidelity.routing import route_split
-from evals.fidelity.run import random_tower
 from hero_core.dinov2 import dinov2_tiling
 from hero_core.encoder import VisionEncoder
 from hero_core.relevance import tower_fingerprint

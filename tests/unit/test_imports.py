@@ -51,3 +51,86 @@ def test_production_code_does_not_lean_on_dev_code_or_ray_internals():
                for p in (root / folder).rglob("*.py")
                if "ray._private" in p.read_text() or "ray.serve._private" in p.read_text()]
     assert not private, f"Ray's private modules used in {private}"
+
+
+# ---- the import graph of our own modules ----------------------------------------------
+
+PACKAGES = ("hero_core", "services", "evals", "loadtest")
+LAYERS = {"hero_core": {"hero_core"}, "services": {"hero_core", "services"},
+          "evals": {"hero_core", "evals"}, "loadtest": set(PACKAGES)}
+"""What each package may import: hero_core at the bottom, services and evals side by side
+above it (neither importing the other), loadtest on top."""
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, wherever the import statement sits (at
+    the top, inside a function, under `TYPE_CHECKING`): a function-local import hides a
+    cycle from Python until the function runs, not from this graph."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    paths = {}
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets.update(f"{node.module}.{alias.name}"
+                               if f"{node.module}.{alias.name}" in paths else node.module
+                               for alias in node.names)
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected parts of two or more modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            part = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_no_module_of_ours_takes_part_in_an_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_sees_function_local_imports():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    real = import_graph()
+    # services/cli.py imports hero_core.pipeline inside `cmd_prune` only
+    assert "hero_core.pipeline" in real["services.cli"]
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    crossing = sorted(f"{module} -> {target}" for module, targets in import_graph().items()
+                      for target in targets
+                      if target.split(".")[0] not in LAYERS[module.split(".")[0]])
+    assert crossing == []

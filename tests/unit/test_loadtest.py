@@ -81,7 +81,7 @@ def test_the_locustfile_defines_a_user_with_a_task():
 
 
 def test_soak_verdicts_tell_deserved_outcomes_from_degraded_other_and_lost():
-    from loadtest.soak import KINDS, verdict
+    from loadtest.soak_plan import KINDS, verdict
 
     kinds = {k.name: k for k in KINDS}
     assert verdict(kinds["hit"], "OK") == "expected"
@@ -95,7 +95,7 @@ def test_soak_verdicts_tell_deserved_outcomes_from_degraded_other_and_lost():
 
 
 def test_soak_report_counts_every_request_once_and_attributes_faults():
-    from loadtest.soak import Fault, Result
+    from loadtest.soak_plan import Fault, Result
     from loadtest.soak_report import report
 
     results = [Result("hit", 1.0, "OK", 0.1, "expected"),
@@ -138,7 +138,7 @@ def test_soak_report_states_the_limits_the_code_and_config_set(tmp_path, monkeyp
     import yaml
 
     import services.vision.runner as runner
-    from loadtest.soak import Result
+    from loadtest.soak_plan import Result
     from loadtest.soak_report import report
 
     config = yaml.safe_load(runner.SERVE_CONFIG.read_text())

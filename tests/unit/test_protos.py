@@ -47,3 +47,26 @@ def test_every_message_and_field_is_commented():
 
 def test_chunk_limit_is_one_mebibyte():
     assert MAX_CHUNK_BYTES == 1 << 20
+
+
+def test_an_unset_seed_stays_unset_across_the_wire_and_zero_is_a_seed():
+    from hero.common.v1 import tensor_pb2
+
+    from services.language.config import LimitsConfig
+    from services.language.server import check_params
+    from services.sdk.language import make_header
+    from services.sdk.vision import generate_request
+
+    def received(params):
+        return check_params(tensor_pb2.GenerationParams.FromString(params.SerializeToString()),
+                            LimitsConfig()).seed
+
+    def vision(**seed):
+        return generate_request(b"png", "q", max_new_tokens=4, **seed).params
+
+    def header(**seed):  # what the vision service sends on: the request's params as they are
+        return make_header("q", None, "r", vision(**seed)).params
+
+    assert received(header()) is None and received(vision()) is None
+    assert received(header(seed=0)) == 0 and received(vision(seed=0)) == 0
+    assert received(header(seed=2**64 - 1)) == 2**64 - 1

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evals.fidelity.data import MosaicConfig, SplitSizes, build_splits, render_mosaic
-from evals.fidelity.run import random_tower
+from evals.fidelity.prepare import random_tower
 from hero_core.dinov2 import load_dinov2_tower
 from hero_core.encoder import VisionEncoder
 from hero_core.errors import ConfigError, ModelLoadError

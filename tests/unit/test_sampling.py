@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from services.language.decoding import (
     NonFiniteLogitsError,
     SamplingParams,
+    generator_for,
     probabilities,
     sample,
     sample_rows,
@@ -42,8 +43,8 @@ score_rows = st.lists(st.one_of(finite_scores, st.just(-math.inf),
                       min_size=1, max_size=40).filter(lambda row: max(row) > -math.inf)
 
 
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def generator(seed: int | None = 0) -> torch.Generator:
+    return generator_for(SamplingParams(seed=seed))
 
 
 @pytest.mark.parametrize("temperature", TINY_TEMPERATURES)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.sdk import errors
 from services.sdk.vision import VisionClient, connection
@@ -58,3 +60,18 @@ def test_a_failed_call_raises_the_typed_error(monkeypatch):
             pytest.raises(errors.Unavailable) as info:  # nothing listens there
         list(client.generate(b"\x89PNG", "what?", timeout=5))
     assert info.value.retryable
+
+
+@given(st.floats(min_value=0, allow_infinity=True) | st.just(float("nan")))
+def test_the_deadline_header_the_sdk_sends_is_one_the_service_accepts(timeout):
+    """Any timeout becomes whole milliseconds in 1..MAX_TIMEOUT_MS (a day and more: the
+    most the service accepts), never a value the service refuses."""
+    from services.common.params import MAX_TIMEOUT_MS, timeout_ms_of
+    from services.sdk.vision import call_metadata
+
+    metadata = call_metadata([("authorization", "Bearer t")], timeout)
+    assert metadata is not None and metadata[0] == ("authorization", "Bearer t")
+    sent = timeout_ms_of(metadata)
+    assert sent is not None and 1 <= sent <= MAX_TIMEOUT_MS
+    if timeout * 1000 < MAX_TIMEOUT_MS:  # False for nan and inf
+        assert sent == max(1, int(timeout * 1000))

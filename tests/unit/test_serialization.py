@@ -1,4 +1,6 @@
+import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -7,7 +9,14 @@ from hypothesis import strategies as st
 
 from hero_core.errors import CorruptPayloadError
 from hero_core.packing import PackedTokens
-from hero_core.serialization import decode_record, encode_record, packed_from_bytes, packed_to_bytes
+from hero_core.serialization import (
+    CRC_KEY,
+    decode_record,
+    encode_record,
+    json_depth,
+    packed_from_bytes,
+    packed_to_bytes,
+)
 
 
 def packed(dtype=torch.float32, n=37, dim=24, seed=0):
@@ -70,3 +79,85 @@ def test_a_record_of_another_kind_is_refused():
 def test_arbitrary_bytes_never_escape_as_anything_but_a_typed_error(blob):
     with pytest.raises(CorruptPayloadError):
         decode_record(blob, "packed_tokens")
+
+
+def header_of(record: bytes) -> tuple[dict, bytes]:
+    length = int.from_bytes(record[:8], "little")
+    return json.loads(record[8:8 + length]), record[8 + length:]
+
+
+def forged(header: dict, data: bytes) -> bytes:
+    """A record of `header` over `data`, both CRC-32s recomputed as a writer who knows the
+    format would."""
+    fields = header.setdefault("__metadata__", {})
+    fields.pop(CRC_KEY, None)
+    rest = {k: v for k, v in header.items() if k != "__metadata__"}
+    canonical = json.dumps({"meta": fields, "tensors": rest}, sort_keys=True).encode()
+    fields[CRC_KEY] = f"{zlib.crc32(canonical)}:{zlib.crc32(data)}"
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def deep(depth: int) -> dict:
+    tree: dict = {}
+    for _ in range(depth):
+        tree = {"a": tree}
+    return tree
+
+
+@pytest.mark.parametrize("depth, message", [(30_000, "nested deeper than 8"),
+                                            (100_000, "above 65536")])
+def test_a_deeply_nested_header_is_refused_before_it_is_parsed(depth, message):
+    """Nesting that would exhaust the recursive JSON parser (a RecursionError) is a
+    typed error: by depth, or by size first."""
+    record = packed_to_bytes(packed())
+    length = int.from_bytes(record[:8], "little")
+    text = b'{"x":' + b"[" * depth + b"]" * depth + b"," + record[9:8 + length]
+    with pytest.raises(CorruptPayloadError, match=message):
+        decode_record(len(text).to_bytes(8, "little") + text + record[8 + length:],
+                      "packed_tokens")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h.__setitem__("x", deep(8)), "header is nested deeper"),
+    (lambda h: h["__metadata__"].__setitem__(
+        "hero.meta", json.dumps({"image_size": [1, 2], "x": deep(8)})), "metadata is nested"),
+    (lambda h: h["__metadata__"].__setitem__("pad", "x" * (64 << 10)), "above 65536"),
+    (lambda h: h["__metadata__"].__setitem__("hero.meta", {"image_size": [1, 2]}),
+     "map names to strings"),
+    (lambda h: h.__setitem__("features", [1, 2]), "each tensor in a mapping"),
+    (lambda h: h["features"].__setitem__("shape", [2 ** 62, 2 ** 62]), "does not parse"),
+    (lambda h: h["features"].__setitem__("dtype", "I64"), "does not parse"),
+])
+def test_headers_of_the_wrong_shape_size_or_depth_are_refused_with_a_valid_crc(change,
+                                                                               message):
+    header, data = header_of(packed_to_bytes(packed()))
+    change(header)
+    with pytest.raises(CorruptPayloadError, match=message):
+        decode_record(forged(header, data), "packed_tokens")
+
+
+def test_a_forged_header_that_changes_nothing_still_decodes():
+    """`forged` recomputes the CRCs exactly as the reader checks them."""
+    original = packed()
+    header, data = header_of(packed_to_bytes(original))
+    restored = packed_from_bytes(forged(header, data))
+    assert torch.equal(restored.features, original.features)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("image_size", [480.0, 640]), ("image_size", [True, 640]), ("image_size", "480x640"),
+    ("image_size", [480]), ("grid", ["2", 2]), ("side", 24.0), ("full_tokens", None),
+])
+def test_packed_metadata_of_the_wrong_type_is_refused(name, value):
+    header, data = header_of(packed_to_bytes(packed()))
+    meta = json.loads(header["__metadata__"]["hero.meta"])
+    meta[name] = value
+    header["__metadata__"]["hero.meta"] = json.dumps(meta)
+    with pytest.raises(CorruptPayloadError, match=name):
+        packed_from_bytes(forged(header, data))
+
+
+def test_json_depth_counts_structure_not_brackets_inside_strings():
+    assert json_depth(b'{"a": [1, {"b": "[[[[\\"]]]]"}]}') == 3
+    assert json_depth(b'"[[[["') == 0 and json_depth(b"") == 0

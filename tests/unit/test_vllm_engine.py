@@ -1,74 +1,37 @@
 """The vLLM engine up to the vLLM call: what we hand over, and how we read what comes back.
 
-vLLM needs a GPU and pins its own torch, so it is not installed here. In its place,
-`StockGenerate` consumes exactly what vLLM would get (the `EmbedsPrompt` and the
-`SamplingParams` keyword arguments) with stock transformers `generate` on the tiny
-model, and answers in vLLM's delta format. What vLLM itself does with them is its
-own; what is checked here is ours: the embeddings, the parameters, the mapping back.
+vLLM needs a GPU and pins CUDA builds of torch, so it is not installed here. In its
+place `StandInLLM` (tests/unit/vllm_standin.py) takes exactly what vLLM would get (the
+`EmbedsPrompt` and the `SamplingParams` keyword arguments), decodes greedily with the
+tiny model, and streams vLLM 0.30.0's output classes as vLLM fills them. What vLLM
+itself does with the embeddings is its own; what is checked here is ours: the
+embeddings, the parameters, the mapping back (the contract shared with the other
+engines is tests/unit/test_engine_contract.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-import types
 
 import pytest
 import torch
 
 from hero_core.methods import create_method
 from hero_core.models import load_vlm, resolve_spec
-from services.language.batching import BatchingEngine
-from services.language.config import BatchingConfig, VllmConfig
+from services.language.config import VllmConfig
 from services.language.decoding import SamplingParams
-from services.language.model import EngineRequest, LanguageModel
+from services.language.model import EngineRequest
 from services.language.vllm_engine import VllmEngine, engine_args, finish_reason, sampling_kwargs
 from tests.unit.test_batched_engine import collect
+from tests.unit.vllm_standin import StandInLLM
 
 
-class StockGenerate:
-    """A stand-in for vLLM's `AsyncLLM`: greedy stock `generate` on the prompt embeddings,
-    streamed as `RequestOutput`-shaped deltas; records what it was given."""
-
-    def __init__(self, vlm):
-        self.vlm = vlm
-        self.prompts, self.params, self.aborted = [], [], []
-
-    async def generate(self, prompt, params, request_id):
-        self.prompts.append(prompt)
-        self.params.append(params)
-        embeds = prompt["prompt_embeds"]
-        assert embeds.ndim == 2 and embeds.device.type == "cpu"
-        out = self.vlm.model.generate(
-            inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0],
-                                                                  dtype=torch.long),
-            do_sample=False, max_new_tokens=params["max_tokens"],
-            pad_token_id=self.vlm.tokenizer.pad_token_id)[0].tolist()
-        eos = self.vlm.model.generation_config.eos_token_id
-        for i, token in enumerate(out):
-            at_eos = token == eos and not params["ignore_eos"]
-            last = at_eos or i == len(out) - 1
-            ids = [] if at_eos else [token]
-            reason = ("stop" if at_eos else "length") if last else None
-            completion = types.SimpleNamespace(
-                text=self.vlm.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-                finish_reason=reason, stop_reason=None)
-            yield types.SimpleNamespace(outputs=[completion], finished=last)
-            await asyncio.sleep(0)
-            if last:
-                return
-
-    async def abort(self, request_id):
-        self.aborted.append(request_id)
-
-
-@pytest.fixture(scope="module")
-def embeddings_model(tiny_dir):
-    return LanguageModel(resolve_spec("tiny", tiny_dir.parent), parts="embeddings")
-
-
-def vllm_engine(embeddings_model, vlm):
-    return VllmEngine(embeddings_model, StockGenerate(vlm), dict, max_num_seqs=4)
+def vllm_engine(embeddings_model, language_model, **kwargs):
+    llm = StandInLLM(language_model.model, language_model.tokenizer,
+                     language_model.tokenizer.eos_token_id)
+    return VllmEngine(embeddings_model, llm, dict, max_num_seqs=4, **kwargs)
 
 
 def test_embeddings_only_model_keeps_no_decoder_layers_and_builds_the_same_prompt(
@@ -81,27 +44,62 @@ def test_embeddings_only_model_keeps_no_decoder_layers_and_builds_the_same_promp
                        language_model.prompt_embeds(request))
 
 
-def test_tokens_through_the_handed_over_embeddings_match_the_batched_engine(
-        embeddings_model, language_model, vlm, pruner, photo):
+def test_the_prompt_handed_over_is_the_embeddings_in_the_model_dtype_on_the_cpu(
+        embeddings_model, language_model, pruner, photo):
     packed = pruner.prune(photo, "What?", create_method("hero"), 0.111).packed
     request = EngineRequest("r", packed, (("user", "What is the astronaut holding?"),),
                             SamplingParams(16))
-    engine = vllm_engine(embeddings_model, vlm)
-    got = asyncio.run(collect(engine, request))
-    batched = BatchingEngine(language_model, BatchingConfig())
-    try:
-        expected = asyncio.run(collect(batched, request))
-    finally:
-        batched.shutdown()
-    assert got.tokens == expected.tokens
-    assert got.finished.finish_reason == expected.finished.finish_reason
-    assert got.finished.prompt_tokens == expected.finished.prompt_tokens
-    assert got.finished.completion_tokens == len(got.tokens)
+    engine = vllm_engine(embeddings_model, language_model)
+    answer = asyncio.run(collect(engine, request))
+    assert answer.finished.finish_reason == "length" and len(answer.tokens) == 16
     (prompt,) = engine.llm.prompts
     hidden = language_model.text_config.hidden_size
     assert prompt["prompt_embeds"].shape == (language_model.prompt_tokens(request), hidden)
     assert prompt["prompt_embeds"].dtype == language_model.model.dtype
+    assert prompt["prompt_embeds"].device.type == "cpu"
+    assert torch.equal(prompt["prompt_embeds"], language_model.prompt_embeds(request))
     assert engine.stats().running == 0
+
+
+class SlowPrompt:
+    """The embeddings model, whose prompts take 0.3 s to build; notes the threads."""
+
+    def __init__(self, model):
+        self.model, self.threads = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def prompt_embeds(self, request):
+        self.threads.append(threading.get_ident())
+        time.sleep(0.3)
+        return self.model.prompt_embeds(request)
+
+
+def test_the_prompt_is_built_off_the_event_loop(embeddings_model, language_model, pruner,
+                                                photo):
+    packed = pruner.prune(photo, "What?", create_method("hero"), 0.111).packed
+    request = EngineRequest("r", packed, (("user", "What?"),), SamplingParams(4))
+    slow = SlowPrompt(embeddings_model)
+    engine = VllmEngine(slow, vllm_engine(embeddings_model, language_model).llm, dict, 4)
+
+    async def scenario():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        ticker = asyncio.create_task(tick())
+        answer = await collect(engine, request)
+        ticker.cancel()
+        return answer, ticks, threading.get_ident()
+
+    answer, ticks, loop_thread = asyncio.run(scenario())
+    assert len(answer.tokens) == 4
+    assert slow.threads and loop_thread not in slow.threads
+    assert ticks >= 10  # the loop went on with other work while the prompt was built
 
 
 def test_sampling_parameters_and_engine_arguments_handed_to_vllm():
@@ -110,6 +108,9 @@ def test_sampling_parameters_and_engine_arguments_handed_to_vllm():
     assert sampling_kwargs(params) == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
                                        "seed": 11, "stop": ["END"], "ignore_eos": True,
                                        "skip_special_tokens": True}
+    # no seed stays no seed (vLLM then samples unseeded); seed 0 is a seed
+    assert sampling_kwargs(SamplingParams())["seed"] is None
+    assert sampling_kwargs(SamplingParams(seed=0))["seed"] == 0
     spec = resolve_spec("llava-v1.6-vicuna-7b", None, "cuda", "float16")
     args = engine_args(spec, VllmConfig(max_model_len=4096, max_num_seqs=128))
     assert args["model"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
@@ -126,24 +127,22 @@ def test_finish_reasons_map_to_ours(reason, stop_reason, ours):
     assert finish_reason(reason, stop_reason) == ours
 
 
-def test_a_cancelled_or_expired_request_is_aborted_in_vllm(embeddings_model, vlm, pruner, photo):
+def test_a_request_without_a_seed_reaches_vllm_without_one(embeddings_model, language_model,
+                                                            pruner, photo):
     packed = pruner.prune(photo, "What?", create_method("hero"), 0.111).packed
-    request = EngineRequest("r", packed, (("user", "What?"),), SamplingParams(50, ignore_eos=True))
-    engine = vllm_engine(embeddings_model, vlm)
-    cancelled = asyncio.run(collect(engine, request, stop_after=3))
-    assert len(cancelled.tokens) == 3 and len(engine.llm.aborted) == 1
-    assert engine.llm.aborted[0].startswith("r-")
-    expired = asyncio.run(collect(engine, request, deadline=time.monotonic() - 1))
-    assert expired.finished.finish_reason == "cancelled" and expired.tokens == []
-    assert len(engine.llm.aborted) == 2 and engine.stats().running == 0
+    engine = vllm_engine(embeddings_model, language_model)
+    for seed in (None, 0):
+        request = EngineRequest("r", packed, (("user", "What?"),), SamplingParams(2, seed=seed))
+        asyncio.run(collect(engine, request))
+    assert [p["seed"] for p in engine.llm.params] == [None, 0]
 
 
-def test_requests_too_long_for_vllm_are_refused_naming_the_limit(embeddings_model, vlm, pruner,
-                                                                 photo):
+def test_requests_too_long_for_vllm_are_refused_naming_the_limit(embeddings_model,
+                                                                 language_model, pruner, photo):
     from hero_core.errors import InvalidInputError
 
     packed = pruner.prune(photo, "What?", create_method("hero"), 0.111).packed
-    engine = VllmEngine(embeddings_model, StockGenerate(vlm), dict, 4, max_model_len=300)
+    engine = vllm_engine(embeddings_model, language_model, max_model_len=300)
     with pytest.raises(InvalidInputError, match="max_model_len=300"):
         engine.check(EngineRequest("r", packed, (("user", "What?"),), SamplingParams(8)), 2048)
 

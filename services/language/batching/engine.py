@@ -45,9 +45,10 @@ from services.language.decoding import (
     FinishReason,
     NonFiniteLogitsError,
     TextStream,
+    generator_for,
     sample_rows,
 )
-from services.language.engine import EngineObserver, EngineStats, Finished
+from services.language.engine import EngineObserver, EngineStats, Finished, kv_tokens
 from services.language.model import EngineRequest, LanguageModel
 
 log = logging.getLogger("hero.language.batching")
@@ -84,8 +85,10 @@ class BatchingEngine:
 
     # -- the caller's side (any thread, usually the server's event loop) --------------
 
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        self._check_fits(self.model.check(request, max_prompt_tokens))
+    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
+        request = self.model.check(request, max_prompt_tokens)
+        self._check_fits(self.model.needs(request))
+        return request
 
     def _check_fits(self, needed: int) -> None:
         """Refuse a request whose prompt + max_new_tokens could never fit the pool."""
@@ -145,7 +148,7 @@ class BatchingEngine:
     def _sequence(self, request: EngineRequest, emit: Any, deadline: float | None) -> Sequence:
         ids = self.model.prompt_ids(request)
         prompt = int(ids.numel()) - 1 + request.packed.num_embeddings
-        self._check_fits(prompt + request.params.max_new_tokens)
+        self._check_fits(kv_tokens(prompt, request.params.max_new_tokens))
         text = TextStream(self.model.tokenizer, request.params, self.model.eos_ids)
         keys = PrefixKeys(ids, request.packed, self.model.image_token_id,
                           self.blocks.block_size) if self.blocks.prefix_cache else None
@@ -251,7 +254,7 @@ class BatchingEngine:
             seq.admitted_at = time.perf_counter()
             if self.observer is not None:
                 self.observer.observe_queue_wait(seq.admitted_at - seq.submitted_at)
-            seq.generator = torch.Generator().manual_seed(seq.request.params.seed)
+            seq.generator = generator_for(seq.request.params)
         if seq.prefill_left > 0:
             seq.embeds = self.model.prompt_embeds(seq.request)
             if seq.generated > 1:  # recomputed after a preemption

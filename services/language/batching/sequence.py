@@ -12,7 +12,7 @@ import torch
 
 from services.language.batching.prefix import PrefixKeys
 from services.language.decoding import TextStream
-from services.language.model import EngineRequest
+from services.language.engine import EngineRequest, kv_tokens
 
 
 class Status(enum.Enum):
@@ -83,7 +83,7 @@ class Sequence:
     @property
     def most_tokens(self) -> int:
         """KV tokens this sequence may ever hold: prompt, visual tokens, max_new_tokens."""
-        return self.prompt_length + self.request.params.max_new_tokens
+        return kv_tokens(self.prompt_length, self.request.params.max_new_tokens)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

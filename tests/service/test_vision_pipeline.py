@@ -1,0 +1,83 @@
+"""The service's tokens are hero_core's: for an image and a question, what the vision
+service's request path (`VisionPipeline.prune`: cache, encoder replica, selection)
+gives equals what `hero prune --tokens` writes for the same settings, bit for bit; for a
+cache miss, and for a later question served from the cached entry."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+import torch
+
+from hero_core.serialization import packed_from_bytes
+from services.cli import main as hero
+from services.sdk.vision import assemble_pruned, prune_request
+from services.vision.encoder import Encoder
+from services.vision.ingress import VisionIngress
+from tests.service.vision_harness import InProcessEncoder, vision_config
+
+QUESTIONS = ("What is the astronaut holding?", "What colour is the sky?")
+
+
+@pytest.fixture(scope="module")
+def encoder_object(tiny_dir):
+    return Encoder(vision_config("memory://"))
+
+
+@pytest.fixture(scope="module")
+def image(photo, tmp_path_factory):
+    """The photo as PNG bytes, and the file `hero prune` reads them from."""
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    path = tmp_path_factory.mktemp("pipeline") / "astronaut.png"
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue(), path
+
+
+def hero_prune(path, question: str, method: str, ratio: float, tiny_dir, tmp_path):
+    out = tmp_path / f"{method}-{len(question)}.tokens"
+    assert hero(["prune", str(path), "-q", question, "-m", method, "-r", str(ratio),
+                 "--tokens", str(out), "--models-dir", str(tiny_dir.parent), "--json"]) == 0
+    return packed_from_bytes(out.read_bytes())
+
+
+def served(encoder_object, data: bytes, asks: list[tuple[str, str, float]]):
+    """(cache hit, packed tokens) of each Prune, in order, through one service."""
+    async def main():
+        ingress = VisionIngress(InProcessEncoder(encoder_object), vision_config("memory://"))
+        answers = []
+        try:
+            for question, method, ratio in asks:
+                request = prune_request(data, question, method=method, retention=ratio,
+                                        dtype="float32")
+                responses = [r async for r in ingress.pipeline.prune(
+                    request, deadline=None, request_id="equal")]
+                accepted, packed = assemble_pruned(responses)
+                answers.append((accepted.cache_hit, packed))
+        finally:
+            await ingress.language.close()
+        return answers
+    return asyncio.run(main())
+
+
+def assert_bit_equal(a, b) -> None:
+    assert (a.image_size, a.grid, a.side, a.full_tokens) == \
+        (b.image_size, b.grid, b.side, b.full_tokens)
+    for name in ("features", "crop", "row", "col", "newline_after"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize(("method", "ratio"), [("hero", 0.111), ("random", 0.2)])
+def test_the_service_serves_what_hero_prune_makes_bit_for_bit(encoder_object, image, method,
+                                                             ratio, tiny_dir, tmp_path):
+    data, path = image
+    asks = [(question, method, ratio) for question in QUESTIONS]
+    answers = served(encoder_object, data, asks)
+    assert [hit for hit, _ in answers] == [False, True]  # the second question is a hit
+    for (question, _, _), (_, packed) in zip(asks, answers, strict=True):
+        assert_bit_equal(packed, hero_prune(path, question, method, ratio, tiny_dir, tmp_path))
+    if method == "hero":  # the question moves HERO's tile budgets: not a vacuous check
+        assert not torch.equal(answers[0][1].crop, answers[1][1].crop)
