@@ -18,7 +18,15 @@ import torch
 import transformers
 
 from loadtest import aiperf_peer, scenarios
-from loadtest.micro import batching, hero_overhead, prefill, vision_cache, wire
+from loadtest.micro import (
+    batching,
+    hero_overhead,
+    kv_cache,
+    kv_report,
+    prefill,
+    vision_cache,
+    wire,
+)
 
 
 def machine() -> str:
@@ -56,6 +64,10 @@ def batching_section() -> str:
     return batching.report(batching.run(), Path("docs/bench-batching.png"))
 
 
+def kv_cache_section() -> str:
+    return kv_report.report(kv_cache.run())
+
+
 def load_section() -> str:
     return scenarios.report(scenarios.run_all(Path("out")))
 
@@ -70,6 +82,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("vision stage, cache hit vs miss", vision_cache_section),
     ("llm prefill", prefill_section),
     ("language engines, batched vs one at a time", batching_section),
+    ("language kv cache: prefix reuse, growth, admission", kv_cache_section),
     ("load against the baseline", load_section),
     ("aiperf over the openai api", aiperf_section),
 ]

@@ -54,10 +54,12 @@ def load_model() -> LanguageModel:
     return LanguageModel(resolve_spec(str((MODEL_DIR / "llava").resolve()), MODEL_DIR))
 
 
-def packed_tokens(ratio: float, feature_dim: int, tiling: TilingSpec) -> PackedTokens:
-    """What the vision service sends for a 2x2-grid image at `ratio` (random features)."""
+def packed_tokens(ratio: float, feature_dim: int, tiling: TilingSpec,
+                  seed: int = 0) -> PackedTokens:
+    """What the vision service sends for a 2x2-grid image at `ratio` (random features;
+    another `seed`, another image)."""
     grid = plan_grid((672, 680), tiling)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     n = grid.num_crops
     crops = EncodedCrops(torch.randn(n, grid.tokens_per_crop, feature_dim, generator=g),
                          {layer: torch.rand(n, grid.tokens_per_crop, generator=g)
@@ -84,6 +86,12 @@ class StepLog:
         self.steps.append((batch_size, seconds))
 
     def observe_queue_wait(self, seconds: float) -> None:
+        pass
+
+    def observe_prefix_cache(self, tokens: int, hit_tokens: int) -> None:
+        pass
+
+    def observe_preemption(self) -> None:
         pass
 
 
@@ -183,11 +191,15 @@ def run(concurrency: tuple[int, ...] = CONCURRENCY,
     model = load_model()
     packed = {r: packed_tokens(r, model.info.feature_dim, model.info.tiling) for r in retentions}
     probe = {r: make_requests(packed[r], 1, "probe")[0] for r in retentions}
-    reserve = {r: model.prompt_tokens(probe[r]) + MAX_NEW_TOKENS for r in retentions}
+    block = BatchingConfig.model_fields["block_size"].default
+    reserve = {r: -(-(model.prompt_tokens(probe[r]) + MAX_NEW_TOKENS) // block) * block
+               for r in retentions}
     low = min(retentions)
     kv_tokens = FIT_AT_0111 * reserve[low]
     context = model.prompt_tokens(probe[low]) + MAX_NEW_TOKENS // 2
-    settings = BatchingConfig(max_batch_size=max(concurrency), kv_cache_tokens=kv_tokens)
+    settings = BatchingConfig(max_batch_size=max(concurrency), kv_cache_tokens=kv_tokens,
+                              prefix_cache=False)  # the requests are alike: reuse is measured
+    # in the KV cache section
     engines = {"one at a time": lambda: SequentialEngine(model, slots=1),
                "batched": lambda: BatchingEngine(model, settings)}
     for make in engines.values():  # first forwards of each shape are slow: not measured
@@ -261,11 +273,13 @@ def report(r: dict[str, Any], plot_path: Path | None = None) -> str:
         "C requests arrive at once, after a warm-up request through each engine. Engines "
         "driven through the API the gRPC server uses (`Engine.stream`); the one-at-a-time "
         "engine has one slot, the batched engine its default prefill chunk "
-        f"({PREFILL_CHUNK} tokens) and "
+        f"({PREFILL_CHUNK} tokens), prefix reuse off (every request here carries the same "
+        "image and question; the next section measures reuse) and "
         f"the same KV budget in every run: {r['kv_tokens']:,} tokens "
         f"({r['kv_tokens'] * r['kv_bytes_per_token'] / 2**20:.0f} MiB), which holds " +
         ", ".join(f"{fits[ret]} requests at retention {ret:g} ({r['reserve'][ret]:,} tokens "
-                  "each: prompt + visual + max_new_tokens)" for ret in retentions) + ".",
+                  "each: prompt + visual + max_new_tokens, in whole blocks)"
+                  for ret in retentions) + ".",
         "",
         *column_notes(r["context"]),
         "",

@@ -76,13 +76,33 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     """Most sequences in prefill or decode at once."""
     kv_cache_tokens: int = Field(16384, ge=16)
-    """KV cache size in tokens, shared by the running sequences; each reserves prompt +
-    visual tokens + max_new_tokens when admitted (HERO's shorter prompts fit more)."""
+    """KV cache size in tokens (whole blocks of it are used), shared by the running
+    sequences; each holds the blocks its prompt, visual tokens and answer so far fill
+    (HERO's shorter prompts fit more)."""
     kv_cache_bytes: int | None = Field(None, ge=1)
     """KV cache size in bytes instead (tokens = bytes / the model's KV bytes per token)."""
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV block: the unit of allocation and of prefix reuse."""
+    prefix_cache: bool = True
+    """Reuse the KV blocks of a prefix another request computed (same kept visual tokens
+    after the same text) instead of computing them again."""
+    kv_allocation: Literal["grow", "reserve"] = "grow"
+    """grow: a sequence takes a block when its answer needs one, and the youngest is
+    preempted (recomputed later) when the pool runs out; reserve: it takes the blocks
+    of prompt + max_new_tokens at admission and is never preempted."""
+    max_bypass: int = Field(16, ge=0)
+    """Most later requests admitted past one that does not fit yet; after that it is
+    next (0: first come, first served)."""
     max_prefill_tokens_per_step: int = Field(512, ge=1)
     """Prompt tokens prefilled per step while other sequences decode: how long a new
     prompt may stall them. With nobody decoding, a prompt goes in one piece."""
+
+    @model_validator(mode="after")
+    def _a_block_fits(self) -> BatchingConfig:
+        if self.kv_cache_bytes is None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least "
+                             f"one block (block_size={self.block_size})")
+        return self
 
 
 class VllmConfig(BaseModel):

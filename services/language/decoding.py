@@ -9,11 +9,14 @@ temperature too small to divide by (down to the smallest subnormal) gives the ot
 tokens probability 0 and picks the top token, as greedy does, instead of overflowing
 to NaN. A row whose logits are NaN or infinite gives no token: it gets a
 `NonFiniteLogitsError` of its own, and in a batch the other rows are sampled as usual.
+A batch is sampled in one pass whatever its rows' parameters (`sample_rows`), and every
+row gets exactly the token it would get alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -89,55 +92,103 @@ def unusable(logits: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(logits.amax(dim=-1))
 
 
+class SamplingError(RuntimeError):
+    """A row's sampling distribution is not a distribution (a NaN temperature or top_p
+    reached the sampler): that row gives no token."""
+
+
+def _sorted_distribution(logits: torch.Tensor, temperature: torch.Tensor,
+                         top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised float64 probabilities `(B, V)` in descending order, and the vocabulary
+    index of each column, for `(B, V)` logits at per-row temperatures and top-p `(B,)`
+    (float64, on the logits' device; top_p >= 1 keeps everything)."""
+    scores = logits.detach().to(torch.float64)
+    # <= 0 everywhere and exactly 0 at the top, so dividing by any positive temperature
+    # can only push the others towards -inf (probability 0), never produce inf - inf
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature[:, None]
+    probs, order = torch.sort(torch.softmax(scores, dim=-1), dim=-1, descending=True,
+                              stable=True)
+    outside = torch.cumsum(probs, dim=-1) - probs > top_p[:, None]
+    outside[:, 0] = False  # the most likely token stays, whatever top_p is
+    return probs.masked_fill(outside, 0.0), order
+
+
+def _row_parameters(params: Sequence[SamplingParams],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
+                         dtype=torch.float64)
+    return temperature.to(device), top_p.to(device)
+
+
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """float64 `(V,)` probabilities of finite `(V,)` logits (CPU): softmax at
     `temperature` > 0, then top-p; never NaN, and never without the top token."""
-    scores = logits.detach().to("cpu", torch.float64)
-    # <= 0 everywhere and exactly 0 at the top, so dividing by any positive temperature
-    # can only push the others towards -inf (probability 0), never produce inf - inf
-    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > top_p
-        outside[0] = False  # the most likely token stays, whatever top_p is
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs / sorted_probs.sum())
-    return probs
+    params = [SamplingParams(temperature=temperature, top_p=top_p)]
+    probs, order = _sorted_distribution(logits[None].cpu(), *_row_parameters(params,
+                                                                             torch.device("cpu")))
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, order, probs)[0]
+
+
+def _draw(logits: torch.Tensor, params: Sequence[SamplingParams],
+          generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampled token per row of `(S, V)` logits and whether the row's distribution was
+    valid, both `(S,)` on the logits' device, with no host synchronisation: each row takes
+    one uniform draw from its own generator (on the host, where generators live) and
+    inverts the cumulative distribution of its top-p set."""
+    temperature, top_p = _row_parameters(params, logits.device)
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    probs, order = _sorted_distribution(logits, temperature, top_p)
+    cumulative = torch.cumsum(probs, dim=-1)
+    total = cumulative[:, -1:]
+    valid = (torch.isfinite(total) & (total > 0)).squeeze(1)
+    target = uniform.to(logits.device)[:, None] * total.nan_to_num(0.0)
+    column = torch.searchsorted(cumulative.nan_to_num(0.0), target, right=True)
+    column = column.clamp_(max=probs.shape[-1] - 1)
+    return order.gather(1, column).squeeze(1), valid
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
            generated: int = 0) -> int:
     """Next token from `(V,)` logits: greedy at temperature 0, else top-p sampling.
     `NonFiniteLogitsError` (naming `generated`, the tokens so far) if the logits give none."""
-    if bool(unusable(logits[None])[0]):
-        raise NonFiniteLogitsError(generated)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = probabilities(logits, params.temperature, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    (outcome,) = sample_rows(logits[None], [params], [generator], [generated])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator],
                 generated: Sequence[int] | None = None) -> list[int | Exception]:
     """One token per row of `(B, V)` logits, each row with its own parameters and
-    generator (`generated`: tokens each row has so far); greedy rows take one batched
-    argmax. A row that gives no token (NaN or infinite logits, or any error while it is
-    sampled) gets its exception in its place: it fails alone, the others go on."""
-    greedy = logits.argmax(dim=-1).tolist()
-    bad = unusable(logits).tolist()
+    generator (`generated`: tokens each row has so far). Greedy rows take one batched
+    argmax, sampled rows one batched draw (`_draw`); the tokens and the rows' failures
+    reach the host in one transfer. A row that gives no token (NaN or infinite logits, or
+    a distribution that is not one) gets its exception in its place: it fails alone, the
+    others go on, and every row gets the token it would get alone."""
     generated = generated or [0] * len(params)
+    tokens = logits.argmax(dim=-1)
+    failed = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        drawn, valid = _draw(logits.index_select(0, rows), [params[i] for i in sampled],
+                             [generators[i] for i in sampled])
+        tokens = tokens.index_copy(0, rows, drawn)
+        failed = failed.index_copy(0, rows, ~valid)
+    bad = unusable(logits)
+    picked, bad_rows, failed_rows = torch.stack([tokens, bad.long(), failed.long()]).tolist()
     out: list[int | Exception] = []
     for i, p in enumerate(params):
-        if bad[i]:
+        if bad_rows[i]:
             out.append(NonFiniteLogitsError(generated[i]))
-        elif p.greedy:
-            out.append(greedy[i])
+        elif failed_rows[i]:
+            out.append(SamplingError(f"no token can be drawn at temperature {p.temperature!r} "
+                                     f"and top_p {p.top_p!r}"))
         else:
-            try:
-                out.append(sample(logits[i], p, generators[i], generated[i]))
-            except Exception as exc:  # this row's own failure, reported for this row
-                out.append(exc)
+            out.append(picked[i])
     return out
 
 
@@ -150,6 +201,12 @@ class TextStream:
     end-of-sequence token is neither streamed nor counted (unless `ignore_eos`); the
     tokens that completed a stop string are streamed, without its text. `finish()`
     flushes what was held back, unless a stop string ended the answer.
+
+    Detokenization is incremental: each token decodes only the tokens since the text
+    last ended on a whole character (a window that starts where the previous one
+    ended, so a tokenizer that drops a leading space drops it from both decodes alike),
+    and stop strings are looked for only where a new one can end; a long answer costs
+    the same per token as a short one.
     """
 
     def __init__(self, tokenizer: Any, params: SamplingParams, eos_ids: frozenset[int]):
@@ -158,6 +215,39 @@ class TextStream:
         self.sent = ""
         self.pending: list[int] = []
         self.reason: FinishReason | None = None
+        self._stable = ""
+        """Text of `ids[:_read]`, which ends on a whole character."""
+        self._tail = ""
+        """Text the tokens after `_read` add so far (may end inside a character)."""
+        self._window = (0, 0, "")
+        """(start, end, text): the decode window's first token, `_read`, and the text of
+        `ids[start:end]` decoded alone."""
+        self._searched = 0
+        """Length of `_stable` already searched for stop strings."""
+
+    @property
+    def text(self) -> str:
+        return self._stable + self._tail
+
+    def _decode(self) -> None:
+        start, read, before = self._window
+        text = self.tokenizer.decode(self.ids[start:], skip_special_tokens=True)
+        new = text[len(before):]
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self._stable += new
+            self._tail = ""
+            end = len(self.ids)
+            self._window = (read, end, self.tokenizer.decode(self.ids[read:end],
+                                                             skip_special_tokens=True))
+        else:
+            self._tail = new
+
+    def _stop_at(self, text: str) -> int:
+        """Where the first stop string begins in `text`, or -1."""
+        found = [i for i in (text.find(s, max(0, self._searched - len(s) + 1))
+                             for s in self.params.stop) if i >= 0]
+        self._searched = len(self._stable)
+        return min(found, default=-1)
 
     def add(self, token: int) -> Delta | None:
         if token in self.eos_ids and not self.params.ignore_eos:
@@ -165,9 +255,9 @@ class TextStream:
             return None
         self.ids.append(token)
         self.pending.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        stops = self.params.stop
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        self._decode()
+        text = self.text
+        cut = self._stop_at(text) if self.params.stop else -1
         if cut >= 0:
             # The text ends before the stop string; the tokens that made it are still
             # handed out (with no text, if need be), so every counted token is streamed.
@@ -175,7 +265,7 @@ class TextStream:
             return self._take(text, max(cut, len(self.sent)))
         if len(self.ids) >= self.params.max_new_tokens:
             self.reason = "length"
-        ready = len(text) - held_back(text, stops)
+        ready = len(text) - held_back(text, self.params.stop)
         if not text.endswith("\ufffd") and ready > len(self.sent):
             return self._take(text, ready)
         return None
@@ -186,7 +276,7 @@ class TextStream:
             self.reason = reason or "length"
         if self.reason == "stop":
             return None
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.text
         if len(text) > len(self.sent) or self.pending:
             return self._take(text, len(text))
         return None

@@ -91,7 +91,14 @@ class EngineStats:
     """Batch places (or slots) not taken by running sequences; 0 while the KV cache is
     what keeps a waiting sequence out."""
     kv_tokens_reserved: int = 0
+    """KV tokens in the blocks running sequences hold."""
     kv_tokens_capacity: int = 0
+    kv_blocks_free: int = 0
+    """KV blocks no sequence holds (some of them cached prefixes, evicted on demand)."""
+    kv_blocks_cached: int = 0
+    """KV blocks holding a prefix that a new request can reuse."""
+    preemptions: int = 0
+    """Sequences preempted (their KV given back, recomputed later) since the start."""
 
 
 class EngineObserver(Protocol):
@@ -102,6 +109,13 @@ class EngineObserver(Protocol):
 
     def observe_queue_wait(self, seconds: float) -> None:
         """A request waited `seconds` before it was admitted."""
+
+    def observe_prefix_cache(self, tokens: int, hit_tokens: int) -> None:
+        """A sequence was admitted needing the KV of `tokens` positions, `hit_tokens` of
+        them found in the prefix cache."""
+
+    def observe_preemption(self) -> None:
+        """A running sequence was preempted for lack of KV blocks."""
 
 
 class Engine(Protocol):

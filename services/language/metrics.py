@@ -53,6 +53,33 @@ class LanguageMetrics:
         self.queue_wait = Histogram("hero_language_queue_wait_seconds",
                                     "Time a request waited in the engine for room",
                                     buckets=LATENCY_BUCKETS_S, registry=r)
+        self._kv_metrics(r)
+
+    def _kv_metrics(self, r: CollectorRegistry) -> None:
+        self.prefix_query_tokens = Counter(
+            "hero_language_prefix_cache_query_tokens",
+            "Tokens admitted sequences needed in the KV cache (prompt, or prompt and answer "
+            "so far after a preemption)", registry=r)
+        self.prefix_hit_tokens = Counter(
+            "hero_language_prefix_cache_hit_tokens",
+            "Of those, tokens found in the prefix cache instead of computed", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "hero_language_prefix_cache_hit_rate",
+            "Hit tokens over query tokens since the start", registry=r)
+        self._prefix_tokens = (0, 0)
+        self.prefix_hit_rate.set_function(self._hit_rate)
+        self.kv_blocks_free = Gauge("hero_language_kv_blocks_free",
+                                    "KV blocks no sequence holds (cached ones included)",
+                                    registry=r)
+        self.kv_blocks_cached = Gauge("hero_language_kv_blocks_cached",
+                                      "KV blocks holding a reusable prefix", registry=r)
+        self.preemptions = Counter("hero_language_preemptions",
+                                   "Sequences preempted for lack of KV blocks (recomputed "
+                                   "later)", registry=r)
+
+    def _hit_rate(self) -> float:
+        queried, hits = self._prefix_tokens
+        return hits / queried if queried else 0.0
 
     def watch(self, stats: Callable[[], Any]) -> None:
         """Read the gauges from the engine's `stats()` at every scrape."""
@@ -60,6 +87,8 @@ class LanguageMetrics:
         self.waiting.set_function(lambda: stats().waiting)
         self.kv_reserved.set_function(lambda: stats().kv_tokens_reserved)
         self.kv_capacity.set_function(lambda: stats().kv_tokens_capacity)
+        self.kv_blocks_free.set_function(lambda: stats().kv_blocks_free)
+        self.kv_blocks_cached.set_function(lambda: stats().kv_blocks_cached)
 
     def observe_step(self, batch_size: int, seconds: float) -> None:
         self.batch_size.observe(batch_size)
@@ -67,6 +96,15 @@ class LanguageMetrics:
 
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
+
+    def observe_prefix_cache(self, tokens: int, hit_tokens: int) -> None:
+        self.prefix_query_tokens.inc(tokens)
+        self.prefix_hit_tokens.inc(hit_tokens)
+        queried, hits = self._prefix_tokens
+        self._prefix_tokens = (queried + tokens, hits + hit_tokens)  # one consistent pair
+
+    def observe_preemption(self) -> None:
+        self.preemptions.inc()
 
     def finish(self, code: str) -> None:
         self.requests.labels(code).inc()

@@ -76,7 +76,11 @@ class LanguageModel:
 
     def prompt_ids(self, request: EngineRequest) -> torch.Tensor:
         """Token ids `(T,)` of the chat-formatted prompt, with one image placeholder (kept
-        on a checked request; tokenized otherwise)."""
+        on a checked request; tokenized otherwise).
+
+        The placeholder opens the first user turn, before its text (`format_chat`), so
+        every question about the same kept tokens has the same prompt up to the image's
+        end: the prefix the batched engine's KV cache reuses."""
         if request.prompt_ids is not None:
             return request.prompt_ids
         ids: torch.Tensor = self.tokenizer(format_chat(self.tokenizer, request.messages),
@@ -93,6 +97,13 @@ class LanguageModel:
         tokens and `image_newline` rows in place of the image placeholder."""
         ids = self.prompt_ids(request)
         return build_inputs_embeds(self.model, ids, request.packed, self.image_token_id)[0]
+
+    @torch.inference_mode()
+    def token_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LLM's input embeddings `(T, H)` of token ids `(T,)` (generated tokens fed
+        back as input, as the decoder embeds them)."""
+        embeds: torch.Tensor = self.model.get_input_embeddings()(ids)
+        return embeds
 
     def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
         """Raise `InvalidInputError` for anything the model cannot take; else return the

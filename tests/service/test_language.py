@@ -336,7 +336,7 @@ def test_metrics_count_requests_and_errors_by_code(language_model, astronaut_tok
         assert 'hero_language_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
         assert "hero_language_ttft_seconds_count 1.0" in text
         assert "hero_language_visual_tokens_sum 320.0" in text
-        assert "hero_language_kv_tokens_capacity 5000.0" in text
+        assert "hero_language_kv_tokens_capacity 4992.0" in text  # whole blocks of 16
         assert "hero_language_kv_tokens_reserved 0.0" in text
         assert "hero_language_running_sequences 0.0" in text
         assert "hero_language_queue_wait_seconds_count 1.0" in text
@@ -346,6 +346,14 @@ def test_metrics_count_requests_and_errors_by_code(language_model, astronaut_tok
         ended_by_eos = usage.finish_reason == common_pb2.FINISH_REASON_EOS
         assert steps == usage.completion_tokens - 1 + ended_by_eos
         assert f'hero_language_batch_size_bucket{{le="1.0"}} {steps:.1f}' in text
+        written = usage.prompt_tokens + int(steps)  # the prompt, then one per decode step
+        assert "hero_language_kv_blocks_free 312.0" in text
+        assert f"hero_language_kv_blocks_cached {written // 16:.1f}" in text
+        assert (f"hero_language_prefix_cache_query_tokens_total {usage.prompt_tokens:.1f}"
+                in text)
+        assert "hero_language_prefix_cache_hit_tokens_total 0.0" in text
+        assert "hero_language_prefix_cache_hit_rate 0.0" in text
+        assert "hero_language_preemptions_total 0.0" in text
     finally:
         srv.stop()
 

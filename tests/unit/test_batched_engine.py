@@ -158,16 +158,16 @@ def test_batched_equals_alone_for_requests_that_join_and_leave_mid_batch(
                                                       (0.111, True)])
 def test_alone_equals_stock_generate_token_for_token(language_model, vlm, pruner, photo,
                                                     retention, fragmented):
-    """Fragmented: the sequence's KV slots are not consecutive (read by gather, not in
+    """Fragmented: the sequence's KV blocks are not consecutive (read by gather, not in
     place), as after other sequences came and went."""
     method = create_method("full" if retention == 1.0 else "hero")
     packed = pruner.prune(photo, "What is held?", method, retention).packed
     question = "What is the astronaut holding?"
     engine = BatchingEngine(language_model, BatchingConfig())
     if fragmented:
-        gone, kept = engine.pool.allocate(5), engine.pool.allocate(5)
-        engine.pool.release(gone)  # free: slots 0-4, then 10 onwards
-        assert int(kept[0]) == 5
+        gone, kept = engine.blocks.take([], 1), engine.blocks.take([], 1)
+        engine.blocks.release(gone)  # free: block 0, then 2 onwards
+        assert kept == [1]
     try:
         got = asyncio.run(collect(engine, EngineRequest("r", packed, (("user", question),),
                                                         SamplingParams(20))))
@@ -218,27 +218,44 @@ async def run_all(engine, requests):
     return await asyncio.gather(*[collect(engine, r) for r in requests])
 
 
-def test_at_lower_retention_more_sequences_share_the_same_kv_cache(language_model, pruner,
-                                                                  photo):
-    """One KV budget, eight requests: at R=1.0 one runs at a time, at R=0.111 as many
-    as their reservations (prompt + visual + max_new_tokens) fit."""
-    budget = 3200  # one full-resolution request of this photo (2,940 tokens + answer)
+def peak_batches(language_model, pruner, photo, budget, **settings):
+    """Eight questions about one photo at each retention, on one KV budget: the most
+    that decoded together, and how many reservations of prompt + answer fit."""
     peaks, fits = {}, {}
     for retention, method in ((1.0, "full"), (0.111, "hero")):
         packed = pruner.prune(photo, "What?", create_method(method), retention).packed
         requests = [request(f"{retention}-{i}", packed, f"Question {i}?", 32) for i in range(8)]
         fits[retention] = budget // (language_model.prompt_tokens(requests[0]) + 32)
-        engine = RecordingEngine(language_model, BatchingConfig(kv_cache_tokens=budget))
+        engine = RecordingEngine(language_model,
+                                 BatchingConfig(kv_cache_tokens=budget, **settings))
         try:
             answers = asyncio.run(run_all(engine, requests))
         finally:
             engine.shutdown()
         assert all(a.finished.completion_tokens == 32 for a in answers)
         peaks[retention] = max(engine.batch_sizes)
-        if retention == 1.0:
+        if retention == 1.0 and peaks[retention] < 8:
             assert max(a.finished.queue_ms for a in answers) > 0
+    return peaks, fits
+
+
+def test_at_lower_retention_more_sequences_share_the_same_kv_cache(language_model, pruner,
+                                                                  photo):
+    """One KV budget, eight requests, each reserving prompt + visual + max_new_tokens
+    and reusing nothing: at R=1.0 one runs at a time, at R=0.111 as many as fit."""
+    budget = 3200  # one full-resolution request of this photo (2,940 tokens + answer)
+    peaks, fits = peak_batches(language_model, pruner, photo, budget, kv_allocation="reserve",
+                               prefix_cache=False)
     assert peaks[1.0] == fits[1.0] == 1
     assert peaks[0.111] == fits[0.111] == 7
+
+
+def test_questions_about_the_same_kept_tokens_share_their_kv(language_model, pruner, photo):
+    """The same budget with prefix reuse and growing allocation: the eight questions share
+    the image's blocks, so even at full resolution most of them decode together."""
+    peaks, _ = peak_batches(language_model, pruner, photo, 3200)
+    assert peaks[1.0] >= 6
+    assert peaks[0.111] == 8
 
 
 class FailingPrefill(BatchingEngine):

@@ -1,7 +1,7 @@
 import torch
 
-from services.language.batching.kv import KVPool
-from services.language.batching.scheduler import Scheduler
+from services.language.batching.blocks import BlockManager
+from services.language.batching.scheduler import Policy, Scheduler
 from services.language.batching.sequence import Sequence, Status
 from services.language.decoding import (
     SamplingParams,
@@ -11,7 +11,7 @@ from services.language.decoding import (
     sample,
     sample_rows,
 )
-from services.language.model import EngineRequest, KVShape
+from services.language.model import EngineRequest
 
 
 def test_text_that_may_start_a_stop_string_is_held_back():
@@ -100,33 +100,34 @@ def test_every_counted_token_is_streamed_the_stop_string_and_eos_are_not():
         assert (0 in streamed) == params.ignore_eos
 
 
-def sequence(prompt, max_new=4):
+def sequence(prompt, max_new=4, arrival=0.0):
     request = EngineRequest("r", None, (("user", "q"),), SamplingParams(max_new))
-    return Sequence(request, prompt, None, lambda events: None)
+    text = TextStream(Chars(), request.params, frozenset())
+    return Sequence(request, prompt, text, lambda events: None, submitted_at=arrival)
 
 
-def scheduler(kv_tokens=100, batch=3, chunk=8):
-    pool = KVPool(KVShape(1, 1, 2, torch.float32), kv_tokens, torch.device("cpu"))
-    return Scheduler(pool, batch, chunk)
+def scheduler(kv_tokens=100, batch=3, chunk=8, block_size=1, **policy):
+    blocks = BlockManager(kv_tokens // block_size, block_size, prefix_cache=False)
+    return Scheduler(blocks, Policy(batch, chunk, **policy))
 
 
-def test_admission_is_first_come_first_served_by_kv_tokens_and_batch_places():
-    sched = scheduler(kv_tokens=100, batch=2)
+def test_reserving_first_come_first_served_admits_by_kv_tokens_and_batch_places():
+    sched = scheduler(kv_tokens=100, batch=2, reserve=True, max_bypass=0)
     a, b, c, d = sequence(40), sequence(60), sequence(6), sequence(1)
     for s in (a, b, c, d):
         sched.add(s)
-    assert [s.reserved for s in (a, b, c, d)] == [44, 64, 10, 5]
+    assert [s.most_tokens for s in (a, b, c, d)] == [44, 64, 10, 5]
     assert sched.admit() == [a]  # b needs 64 of the 56 left; c fits but waits behind b
-    assert sched.pool.reserved == 44 and c.status is Status.WAITING
+    assert sched.blocks.held == 44 and c.status is Status.WAITING
     sched.remove(a)
-    assert a.slots is None and sched.pool.reserved == 0
+    assert a.slots is None and sched.blocks.held == 0
     assert sched.admit() == [b, c]  # d fits in KV, but both batch places are taken
-    assert sched.pool.reserved == 74 and list(sched.waiting) == [d]
+    assert sched.blocks.held == 74 and list(sched.waiting) == [d]
     sched.remove(c)
     assert sched.admit() == [d]
     for s in list(sched.running):
         sched.remove(s)
-    assert sched.pool.reserved == 0 and sched.idle
+    assert sched.blocks.held == 0 and sched.idle
 
 
 def test_prefill_goes_whole_when_nobody_decodes_and_in_budgeted_chunks_otherwise():

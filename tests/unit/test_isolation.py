@@ -3,10 +3,12 @@
 A greedy "victim" decodes beside an arbitrary "hostile" request (any sampling
 parameters the engine can be given, visual features holding NaN, infinities or huge
 finite values, a row that goes bad mid-answer); then two more victims run, one of them
-on KV slots the hostile used. Every victim must produce exactly the tokens the victim
-produces alone; the hostile must complete or end alone with a clear error. The victim
-is chosen with no near-tie in its answer (top-two logit margin far above the rounding
-by which batched logits differ from alone ones), so "exactly" is the right test.
+on KV slots the hostile used (the prefix cache emptied first, so they compute every
+block). Every victim must produce exactly the tokens the victim produces alone (the
+first victim may also reuse blocks earlier victims left in the prefix cache); the
+hostile must complete or end alone with a clear error. The victim is chosen with no
+near-tie in its answer (top-two logit margin far above the rounding by which batched
+logits differ from alone ones), so "exactly" is the right test.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class Injected(RuntimeError):
 
 
 class Harness(BatchingEngine):
-    """The real engine; records each request's KV slots and injects `faults` into rows."""
+    """The real engine; records the KV slots each request reads and writes and injects
+    `faults` into rows."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,9 +61,12 @@ class Harness(BatchingEngine):
         kind, at = self.faults.get(seq.request.request_id, ("", 0))
         return kind in kinds and len(seq.text.ids) == at - 1
 
+    def _record(self, seq):
+        self.slots.setdefault(seq.request.request_id, set()).update(seq.slots.tolist())
+
     def _admitted(self, seq):
         super()._admitted(seq)
-        self.slots[seq.request.request_id] = set(seq.slots.tolist())
+        self._record(seq)
         if self.faults.get(seq.request.request_id, ("",))[0] in ("finish", "cancel"):
             def finish(reason=None):
                 raise Injected("the text of this row failed to flush")
@@ -69,6 +75,7 @@ class Harness(BatchingEngine):
     def _sample(self, seqs, logits):
         logits = logits.clone()
         for row, seq in enumerate(seqs):
+            self._record(seq)  # its blocks grow as it decodes
             if self._due(seq, ("nan", "inf")):
                 kind = self.faults[seq.request.request_id][0]
                 logits[row, row % logits.shape[1]] = math.nan if kind == "nan" else math.inf
@@ -164,11 +171,13 @@ def run(engine, packed, hostile, late: bool):
     engine.slots.clear()
     outcome, answer = asyncio.run(asyncio.wait_for(beside(engine, packed, hostile, late),
                                                    TIMEOUT_S))
-    below = engine.pool.allocate(min(engine.slots["hostile"]))  # the engine is idle
+    blocks = engine.blocks  # the engine is idle
+    blocks.release(blocks.take([], blocks.available))  # evicts every cached prefix
+    below = blocks.take([], min(engine.slots["hostile"]) // blocks.block_size)
     try:
         later = asyncio.run(asyncio.wait_for(after(engine, packed), TIMEOUT_S))
     finally:
-        engine.pool.release(below)
+        blocks.release(below)
     return outcome, [answer, *later]
 
 

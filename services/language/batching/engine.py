@@ -1,18 +1,22 @@
 """The continuous-batching engine: one thread owns the model and loops schedule, run,
 postprocess; callers only add sequences, abort them and read their events.
 
-Each iteration admits waiting sequences that fit, runs this step's prompt chunks,
-then one batched decode forward for every sequence past its prompt, samples each row
-with that request's own parameters and generator, and streams the text. Sequences
-join and leave between steps; cancelling one (or its deadline passing) takes it out
-before the next step and frees its KV slots without touching the others.
+Each iteration admits waiting sequences that fit (taking the KV blocks of any prefix
+already cached), runs this step's prompt chunks, then one batched decode forward for
+every sequence past its prompt (growing each by a block when it needs one, preempting
+the youngest when the pool is out), samples every row with its request's own
+parameters and generator, and streams the text. Sequences join and leave between
+steps; cancelling one (or its deadline passing) takes it out before the next step and
+gives back its KV blocks without touching the others. A request that could never fit
+the pool, or that arrives after shutdown, is refused when it is submitted.
 
 Failures are per sequence. A row that gives no token (NaN or infinite logits, any
 error while it is sampled or its text is decoded) ends that sequence alone with its
 error; if the batched decode forward itself fails, each of its rows runs again alone,
-so only a row that fails by itself fails. Rows never read each other's KV slots, nor
-slots a sequence has not written, so what one sequence leaves in its slots (NaN keys
-from NaN features included) reaches neither its neighbours nor the slots' next owner.
+so only a row that fails by itself fails. Rows read only their own blocks' slots that
+hold written positions; a block they share was written from inputs identical to theirs
+up to its end (`prefix.py`), so what one sequence computes (NaN keys from NaN features
+included) reaches neither its neighbours nor the next holder of its blocks.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from typing import Any
 import torch
 
 from hero_core.errors import InvalidInputError
+from services.common.errors import UnavailableError
+from services.language.batching.blocks import BlockManager
 from services.language.batching.kv import KVPool
+from services.language.batching.prefix import PrefixKeys
 from services.language.batching.runner import ModelRunner
-from services.language.batching.scheduler import PrefillChunk, Scheduler
+from services.language.batching.scheduler import Policy, PrefillChunk, Scheduler
 from services.language.batching.sequence import Sequence, Status
 from services.language.config import BatchingConfig
 from services.language.decoding import (
@@ -41,14 +48,15 @@ from services.language.decoding import (
     generator_for,
     sample_rows,
 )
-from services.language.engine import EngineObserver, EngineStats, Finished
+from services.language.engine import EngineObserver, EngineStats, Finished, kv_tokens
 from services.language.model import EngineRequest, LanguageModel
 
 log = logging.getLogger("hero.language.batching")
 
 
 class BatchingEngine:
-    """LLaVA-NeXT's language half with iteration-level batching and KV-token admission."""
+    """LLaVA-NeXT's language half with iteration-level batching, a paged KV cache with
+    prefix reuse, and admission by KV blocks."""
 
     def __init__(self, model: LanguageModel, settings: BatchingConfig):
         self.model, self.settings = model, settings
@@ -58,9 +66,15 @@ class BatchingEngine:
         tokens = settings.kv_cache_tokens
         if settings.kv_cache_bytes is not None:
             tokens = settings.kv_cache_bytes // shape.bytes_per_token
-        self.pool = KVPool(shape, tokens, model.device)
-        self.scheduler = Scheduler(self.pool, settings.max_batch_size,
-                                   settings.max_prefill_tokens_per_step)
+        size = settings.block_size
+        if tokens < size:
+            raise ValueError(f"the KV cache ({tokens} tokens) is smaller than one block "
+                             f"(block_size={size})")
+        self.pool = KVPool(shape, tokens // size, size, model.device)
+        self.blocks = BlockManager(self.pool.num_blocks, size, settings.prefix_cache)
+        policy = Policy(settings.max_batch_size, settings.max_prefill_tokens_per_step,
+                        settings.max_bypass, settings.kv_allocation == "reserve")
+        self.scheduler = Scheduler(self.blocks, policy, model.device)
         self.runner = ModelRunner(model, self.pool)
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._outbox: list[tuple[Sequence, list[Any]]] = []
@@ -73,19 +87,25 @@ class BatchingEngine:
 
     def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
         request = self.model.check(request, max_prompt_tokens)
-        needed = self.model.needs(request)
+        self._check_fits(self.model.needs(request))
+        return request
+
+    def _check_fits(self, needed: int) -> None:
+        """Refuse a request whose prompt + max_new_tokens could never fit the pool."""
         if needed > self.pool.capacity:
             raise InvalidInputError(
                 f"the request needs {needed} KV tokens (prompt + visual tokens + "
                 f"max_new_tokens), above this server's kv_cache_tokens={self.pool.capacity}; "
                 "lower max_new_tokens or the retention")
-        return request
 
     def stats(self) -> EngineStats:
         running = len(self.scheduler.running)
         waiting = len(self.scheduler.waiting) + len(self._inbox)
         room = 0 if self.scheduler.kv_full else max(0, self.settings.max_batch_size - running)
-        return EngineStats(running, waiting, room, self.pool.reserved, self.pool.capacity)
+        blocks = self.blocks
+        return EngineStats(running, waiting, room, blocks.held * blocks.block_size,
+                           self.pool.capacity, blocks.available, blocks.cached,
+                           self.scheduler.preemptions)
 
     async def stream(self, request: EngineRequest,
                      deadline: float | None = None) -> AsyncIterator[Delta | Finished]:
@@ -95,8 +115,7 @@ class BatchingEngine:
         def emit(events: list[Any]) -> None:
             loop.call_soon_threadsafe(outbox.put_nowait, events)
 
-        text = TextStream(self.model.tokenizer, request.params, self.model.eos_ids)
-        seq = Sequence(request, self.model.prompt_tokens(request), text, emit, deadline)
+        seq = self._sequence(request, emit, deadline)
         self._submit(seq)
         finished = False
         try:
@@ -120,18 +139,31 @@ class BatchingEngine:
         asyncio.run(run())
 
     def shutdown(self) -> None:
-        self._stopping = True
+        with self._start_lock:  # no sequence gets into the inbox after this
+            self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(30)
 
+    def _sequence(self, request: EngineRequest, emit: Any, deadline: float | None) -> Sequence:
+        ids = self.model.prompt_ids(request)
+        prompt = int(ids.numel()) - 1 + request.packed.num_embeddings
+        self._check_fits(kv_tokens(prompt, request.params.max_new_tokens))
+        text = TextStream(self.model.tokenizer, request.params, self.model.eos_ids)
+        keys = PrefixKeys(ids, request.packed, self.model.image_token_id,
+                          self.blocks.block_size) if self.blocks.prefix_cache else None
+        return Sequence(request, prompt, text, emit, deadline, keys)
+
     def _submit(self, seq: Sequence) -> None:
         with self._start_lock:
+            if self._stopping:
+                raise UnavailableError("the language engine is shutting down; retry on "
+                                       "another replica")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="hero-batching",
                                                 daemon=True)
                 self._thread.start()
-        self._inbox.append(seq)
+            self._inbox.append(seq)
         self._wake.set()
 
     # -- the scheduler thread ---------------------------------------------------------
@@ -175,7 +207,11 @@ class BatchingEngine:
         for chunk in sched.prefill_chunks():
             self._guarded([chunk.sequence], self._prefill, chunk)
             self._flush()
+        preempted = sched.preemptions
         batch = sched.decoding()
+        if self.observer is not None:
+            for _ in range(sched.preemptions - preempted):
+                self.observer.observe_preemption()
         if batch:
             self._guarded(batch, self._decode, batch)
 
@@ -210,21 +246,33 @@ class BatchingEngine:
         self._end(seq, "cancelled")
 
     def _admitted(self, seq: Sequence) -> None:
-        seq.admitted_at = time.perf_counter()
+        """Inputs for the positions it must compute; the first time, its queue wait and
+        generator (a preempted sequence keeps its generator's state)."""
         if self.observer is not None:
-            self.observer.observe_queue_wait(seq.admitted_at - seq.submitted_at)
-        seq.embeds = self.model.prompt_embeds(seq.request)
-        seq.generator = generator_for(seq.request.params)
+            self.observer.observe_prefix_cache(seq.prefill_target, seq.cached)
+        if seq.generator is None:
+            seq.admitted_at = time.perf_counter()
+            if self.observer is not None:
+                self.observer.observe_queue_wait(seq.admitted_at - seq.submitted_at)
+            seq.generator = generator_for(seq.request.params)
+        if seq.prefill_left > 0:
+            seq.embeds = self.model.prompt_embeds(seq.request)
+            if seq.generated > 1:  # recomputed after a preemption
+                fed = torch.tensor(seq.text.ids[:-1], device=seq.embeds.device)
+                seq.embeds = torch.cat([seq.embeds, self.model.token_embeds(fed)])
 
     def _prefill(self, chunk: PrefillChunk) -> None:
         seq = chunk.sequence
         assert seq.embeds is not None and seq.slots is not None
-        last = chunk.end == seq.prompt_length
+        last = chunk.end == seq.prefill_target
+        first = last and not seq.generated  # the prompt's end: its logits give token 1
         logits = self.runner.prefill(seq.embeds[chunk.start:chunk.end], seq.slots, chunk.start,
-                                     last)
+                                     first)
         seq.cached = chunk.end
-        if logits is not None:
+        self.scheduler.written(seq)
+        if last:
             seq.embeds, seq.status = None, Status.DECODE
+        if logits is not None:
             seq.first_token_at = time.perf_counter()
             self._take(seq, self._sample([seq], logits[None])[0])
 
@@ -232,8 +280,10 @@ class BatchingEngine:
         start = time.perf_counter()
         rows, logits = self._forward(batch)
         if rows:
-            for seq, outcome in zip(rows, self._sample(rows, logits), strict=True):
+            for seq in rows:
                 seq.cached += 1
+                self.scheduler.written(seq)
+            for seq, outcome in zip(rows, self._sample(rows, logits), strict=True):
                 self._take(seq, outcome)
         if self.observer is not None:
             self.observer.observe_step(len(batch), time.perf_counter() - start)

@@ -1,13 +1,15 @@
-"""The KV cache of a batching engine: one preallocated pool of token slots, and the
-transformers `Cache` that lets a stock model read and write it.
+"""The KV cache of a batching engine: one preallocated pool of token slots, cut into
+blocks, and the transformers `Cache` that lets a stock model read and write it.
 
-Every running sequence owns the slots it reserved at admission (prompt + visual +
-max_new_tokens), so memory in use is exactly the tokens reserved and nothing is
-allocated per step. For one forward, `PooledCache` writes the new keys and values
-of each row into its slots and hands the attention layers the rows gathered into a
-left-padded `(B, kv_heads, W, head_dim)` tensor; padding reads a slot that is always
-zero and is masked out by the 2-D attention mask transformers turns into its causal
-mask. Attention itself is the model's own (SDPA, eager or flash).
+Slot `b * block_size + i` holds position i of block b; which blocks a sequence holds,
+and which hold a reusable prefix, is `blocks.py`'s business. Memory in use is exactly
+the blocks held, and nothing is allocated per step. For one forward, `PooledCache`
+writes the new keys and values of each row into its slots and hands the attention
+layers the rows gathered into a left-padded `(B, kv_heads, W, head_dim)` tensor (a view
+of the pool, without a copy, when the forward has one row whose slots are consecutive);
+padding reads a slot that is always zero and is masked out by the 2-D attention mask
+transformers turns into its causal mask. Attention itself is the model's own (SDPA,
+eager or flash).
 """
 
 from __future__ import annotations
@@ -22,45 +24,28 @@ from services.language.model import KVShape
 
 
 class KVPool:
-    """Keys and values `(kv_heads, capacity + 1, head_dim)` per layer; the last slot is
-    the padding slot and stays zero."""
+    """Keys and values `(kv_heads, num_blocks * block_size + 1, head_dim)` per layer; the
+    last slot is the padding slot and stays zero."""
 
-    def __init__(self, shape: KVShape, capacity_tokens: int, device: torch.device):
-        if capacity_tokens < 1:
-            raise ValueError("capacity_tokens must be >= 1")
-        self.shape, self.capacity, self.device = shape, capacity_tokens, device
-        size = (shape.kv_heads, capacity_tokens + 1, shape.head_dim)
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.shape, self.device = shape, device
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.capacity = num_blocks * block_size
+        size = (shape.kv_heads, self.capacity + 1, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device)
                      for _ in range(shape.layers)]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device)
                        for _ in range(shape.layers)]
-        self._free = torch.ones(capacity_tokens, dtype=torch.bool)
-        self.reserved = 0
 
     @property
     def pad_slot(self) -> int:
         return self.capacity
 
     @property
-    def available(self) -> int:
-        return self.capacity - self.reserved
-
-    @property
     def bytes(self) -> int:
         return self.capacity * self.shape.bytes_per_token
-
-    def allocate(self, tokens: int) -> torch.Tensor:
-        """`tokens` free slots `(tokens,)`, lowest first; the caller checked `available`."""
-        if tokens > self.available:
-            raise RuntimeError(f"KV pool has {self.available} free slots, {tokens} asked")
-        slots = torch.nonzero(self._free).flatten()[:tokens]
-        self._free[slots] = False
-        self.reserved += tokens
-        return slots.to(self.device)
-
-    def release(self, slots: torch.Tensor) -> None:
-        self._free[slots.cpu()] = True
-        self.reserved -= int(slots.numel())
 
 
 @dataclasses.dataclass(frozen=True)
