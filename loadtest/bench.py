@@ -24,6 +24,7 @@ from loadtest.micro import (
     kv_cache,
     kv_report,
     prefill,
+    relay,
     vision_cache,
     wire,
 )
@@ -68,6 +69,10 @@ def kv_cache_section() -> str:
     return kv_report.report(kv_cache.run())
 
 
+def relay_section() -> str:
+    return relay.report(relay.run())
+
+
 def load_section() -> str:
     return scenarios.report(scenarios.run_all(Path("out")))
 
@@ -83,6 +88,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("llm prefill", prefill_section),
     ("language engines, batched vs one at a time", batching_section),
     ("language kv cache: prefix reuse, growth, admission", kv_cache_section),
+    ("relay: whole system against the engine, coalescing off and on", relay_section),
     ("load against the baseline", load_section),
     ("aiperf over the openai api", aiperf_section),
 ]
