@@ -143,5 +143,5 @@ def test_the_playground_asks_streams_shows_the_kept_tokens_and_the_errors(
     browser.find_element(By.ID, "ask").click()
     error = wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed()
                  and d.find_element(By.ID, "error"))
-    assert "too large" in error.text, error.text
+    assert "too large" in error.text and "HTTP 413" in error.text, error.text
     print(f"browser test: {time.monotonic() - started:.1f} s")
