@@ -29,6 +29,7 @@ import grpc
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
 
+from hero_core.tiling import TilingSpec
 from services.common.codec import encode_tensor, layout_message
 from services.common.config import secret_value
 from services.common.drain import Drain
@@ -184,6 +185,10 @@ class VisionPipeline:
             if not ended_by_deadline(deadline):
                 raise
             raise DeadlineError("the deadline passed before the tokens were sent") from exc
+
+    async def tiling(self) -> TilingSpec:
+        """How the encoder cuts images (the geometry of a layout's tiles)."""
+        return (await self.tokens.spec()).tiling
 
     async def health(self) -> tuple[bool, CacheHealth]:
         """Whether the language service answers, and the token cache's state (a degraded

@@ -8,7 +8,9 @@ empty `choices` and `usage`; then `data: [DONE]`. A failure after the answer sta
 is sent as a `data: {"error": ...}` event before `[DONE]` (the status line is gone).
 
 `usage` is OpenAI's (`prompt_tokens` counts the visual tokens the LLM prefilled) with
-`usage.hero`: the Accepted figures plus the vision and language timings.
+`usage.hero`: the Accepted figures plus the pipeline's `VisionUsage` (vision and queue
+time, TTFT, bytes of tokens sent to the language service) and the language service's
+prefill time and decode speed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def usage_object(accepted: vision_pb2.Accepted, usage: vision_pb2.VisionUsage
                      "visual_embeddings": language.visual_tokens,
                      "vision_ms": usage.vision_ms, "queue_ms": usage.queue_ms,
                      "ttft_ms": usage.ttft_ms, "prefill_ms": language.prefill_ms,
+                     "decode_tokens_per_s": language.decode_tokens_per_s,
                      "bytes_sent": usage.bytes_sent}}
 
 
