@@ -6,7 +6,9 @@ hero.vision.v1 and yield its response messages; they raise the typed errors of
 status codes: the gRPC ingress with `services.common.errors.status_for`). Every front
 door (the gRPC `VisionService` of `ingress.py`, an HTTP one) calls these.
 
-Generate, straight through: check every field; a hit is the cache's entry and this
+Generate, straight through: check every field; the tokens are selected for the
+conversation's first question (`first_question`), so every turn of a conversation
+sends the same ones; a hit is the cache's entry and this
 request's selection (`tokens.TokenSource.cached`); a miss first asks the language
 service whether it takes this prompt and these parameters (`Validate`), so no image is
 encoded for a request it would refuse, then takes the tokens of the one encoding
@@ -89,6 +91,16 @@ def language_client(config: VisionConfig) -> LanguageClient:
                           token=secret_value(config.language_token))
 
 
+def first_question(turns: Turns) -> str:
+    """The question a conversation's tokens are selected for: its first user turn's, the
+    turn the image opens. Every later turn of the conversation therefore gets the same
+    kept tokens, so its prompt starts with the first turn's prompt (text before the
+    image, then the same visual tokens): the prefix the language engine's KV cache
+    reuses. A method that does not read the question keeps the same tokens for every
+    question about an image anyway."""
+    return next((text for role, text in turns if role == "user"), "")
+
+
 def accepted(tokens: Tokens) -> vision_pb2.Accepted:
     return vision_pb2.Accepted(image_id=tokens.image_id, cache_hit=tokens.cache_hit,
                                tokens_kept=tokens.packed.num_tokens,
@@ -135,7 +147,7 @@ class VisionPipeline:
             with self.drain.admit():
                 turns = check_generate(request, self.config)
                 check_deadline(deadline)
-                question = next((t for r, t in reversed(turns) if r == "user"), "")
+                question = first_question(turns)
                 want = await self.tokens.request(request.image, request.prune, question)
                 try:
                     tokens = await self.tokens.cached(want)
