@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from hero.common.v1 import tensor_pb2 as common_pb2
@@ -139,7 +139,7 @@ class VisionPipeline:
         await self.language.close()
 
     async def generate(self, request: vision_pb2.GenerateRequest, *, deadline: float | None,
-                       request_id: str) -> AsyncIterator[vision_pb2.GenerateEvent]:
+                       request_id: str) -> AsyncGenerator[vision_pb2.GenerateEvent, None]:
         """`accepted`, the answer's deltas, then `usage`. `deadline`: the client's, on the
         `time.monotonic()` clock; `request_id`: for logs and the language service."""
         arrival = time.perf_counter()
@@ -167,7 +167,7 @@ class VisionPipeline:
             raise DeadlineError("the deadline passed before the answer was complete") from exc
 
     async def prune(self, request: vision_pb2.PruneRequest, *, deadline: float | None,
-                    request_id: str) -> AsyncIterator[vision_pb2.PruneResponse]:
+                    request_id: str) -> AsyncGenerator[vision_pb2.PruneResponse, None]:
         """`accepted`, the tokens' layout and tensor header, then the tensor's chunks."""
         try:
             with self.drain.admit():
@@ -226,7 +226,7 @@ class VisionPipeline:
 
     async def _answer(self, request: vision_pb2.GenerateRequest, turns: Turns, tokens: Tokens,
                       request_id: str, arrival: float, deadline: float | None
-                      ) -> AsyncIterator[vision_pb2.GenerateEvent]:
+                      ) -> AsyncGenerator[vision_pb2.GenerateEvent, None]:
         """Stream the answer. A call that fails UNAVAILABLE before its first text is retried
         with backoff (nothing was sent yet, so a retry is safe), but never past the
         client's deadline: the language call ends at that deadline. A call still streaming
