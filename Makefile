@@ -10,19 +10,27 @@ OUT    := out
 SCAN   := .venv-scan
 AIPERF := .venv-aiperf
 
-.PHONY: help setup kubectl test test-fast demo bench soak fidelity lint clean
+.PHONY: help setup kubectl browser test test-fast demo bench soak fidelity lint clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make setup   create .venv, install pinned deps, build the offline tiny model"
 	@echo "make test    setup, then run every test"
 	@echo "make demo    setup, run the whole system locally, ask it about a real photo, stop"
+	@echo "             (hero serve keeps it running; its playground page: http://127.0.0.1:8000/)"
 	@echo "make bench   setup, then run the benchmarks (AIPerf among them) and rewrite docs/BENCHMARKS.md"
 	@echo "make soak    setup, then 5 minutes of mixed traffic and faults; rewrites docs/RELIABILITY.md"
 	@echo "make fidelity setup, then measure pruning accuracy on real DINOv2 features (~20 min)"
 	@echo "make lint    ruff + mypy (strict on hero_core and services)"
 
-setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl $(SCAN)/.installed
+setup: $(STAMP) $(GEN)/.stamp $(TINY) kubectl $(SCAN)/.installed browser
+
+# Headless Chromium and its driver from the distribution's packages, for the playground
+# page's browser test (tests/integration/test_playground_browser.py); once.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		chromium chromium-driver; }
 
 # torch first, from its pinned CPU build, so nothing later pulls a CUDA build.
 $(STAMP): pyproject.toml

@@ -1,5 +1,9 @@
 """Pictures of what a method kept: thumbnail tokens on the left, tile tokens over the
-full image on the right; dropped areas are dimmed, tile borders drawn."""
+full image on the right; dropped areas are dimmed, tile borders drawn.
+
+`token_boxes` and `tile_boxes` are the geometry (fractions of the image): `hero prune
+--viz` draws them here, and the vision service's playground page draws the same boxes
+(`POST /v1/hero/layout`)."""
 
 from __future__ import annotations
 
@@ -48,6 +52,20 @@ def token_boxes(packed: PackedTokens, grid: TileGrid,
     return boxes
 
 
+def tile_boxes(grid: TileGrid) -> list[tuple[float, float, float, float]]:
+    """Image-fraction box of each tile, tile 1 first (raster order), clipped to the image
+    (the canvas's padding is not part of it)."""
+    (h, w), (top, left) = grid.resized_size, grid.pad_offset
+    px = grid.crop_size / grid.side
+    boxes = []
+    for tile in range(1, grid.num_tiles + 1):
+        r0, c0 = grid.tile_origin(tile)
+        y0, x0 = r0 * px - top, c0 * px - left
+        y1, x1 = y0 + grid.crop_size, x0 + grid.crop_size
+        boxes.append((max(x0 / w, 0.0), max(y0 / h, 0.0), min(x1 / w, 1.0), min(y1 / h, 1.0)))
+    return boxes
+
+
 def draw_kept_tokens(image: Image.Image, packed: PackedTokens, grid: TileGrid,
                      title: str = "") -> Image.Image:
     """A side-by-side PNG-ready picture of the kept thumbnail and tile tokens."""
@@ -59,12 +77,12 @@ def draw_kept_tokens(image: Image.Image, packed: PackedTokens, grid: TileGrid,
     scale = PANEL / max(image.size)
     pw, ph = round(image.width * scale), round(image.height * scale)
     ox, oy = (PANEL - pw) // 2, 24 + (PANEL - ph) // 2
-    (h, w), (top, lft) = grid.resized_size, grid.pad_offset
+    tiles = tile_boxes(grid)  # the borders between tiles: their top and left edges
     for r in range(1, grid.rows):
-        y = oy + (r * grid.crop_size - top) / h * image.height * scale
+        y = oy + tiles[r * grid.cols][1] * ph
         draw.line([(ox, y), (ox + pw, y)], fill=TILE_BORDER, width=2)
     for c in range(1, grid.cols):
-        x = ox + (c * grid.crop_size - lft) / w * image.width * scale
+        x = ox + tiles[c][0] * pw
         draw.line([(x, oy), (x, oy + ph)], fill=TILE_BORDER, width=2)
     out = Image.new("RGB", (2 * PANEL + 8, PANEL + 24), (0, 0, 0))
     out.paste(left, (0, 0))

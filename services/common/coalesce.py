@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
 async def coalesce(source: AsyncIterator[T], merge: Callable[[T, T], T | None],
-                   interval_s: float = 0.0) -> AsyncIterator[T]:
+                   interval_s: float = 0.0) -> AsyncGenerator[T, None]:
     """`source`'s items, consecutive mergeable ones merged while the caller is busy (and
     for up to `interval_s` after the first of them, except a stream's first item)."""
     if interval_s < 0:

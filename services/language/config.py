@@ -122,6 +122,9 @@ class VllmConfig(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1)
     enforce_eager: bool = False
     """Skip CUDA graphs (faster start, slower decode)."""
+    prefix_caching: bool = True
+    """vLLM's automatic prefix caching: a request reuses the KV blocks whose prompt
+    embeddings (bytes) and every earlier block's match a cached request's."""
 
 
 WireDType = Literal["float32", "float16", "bfloat16", "int8"]

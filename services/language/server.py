@@ -250,8 +250,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
         finally:
             self.metrics.in_flight.dec()
 
-    def _coalesced(self, events: AsyncIterator[Delta | Finished]
-                   ) -> AsyncIterator[Delta | Finished]:
+    def _coalesced(self, events: AsyncGenerator[Delta | Finished, None]
+                   ) -> AsyncGenerator[Delta | Finished, None]:
         """`events` with the deltas that pile up while a response is being written merged
         into one (`stream_coalesce`, `stream_interval_ms`)."""
         if not self.config.stream_coalesce:

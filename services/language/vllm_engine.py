@@ -44,6 +44,12 @@ def engine_args(spec: ModelSpec, settings: VllmConfig) -> dict[str, Any]:
         "max_num_seqs": settings.max_num_seqs,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "enforce_eager": settings.enforce_eager,
+        # Prefix caching keys a prompt-embeds block by the SHA-256 of its embedding rows'
+        # bytes, chained over the blocks before it (vLLM 0.30.0,
+        # vllm/v1/core/kv_cache_utils.py: `_gen_prompt_embeds_extra_hash_keys` hashes
+        # `tensor_data(request.prompt_embeds[start:end])`, `hash_block_tokens` chains
+        # it); `prompt` keeps those bytes the same for the same inputs.
+        "enable_prefix_caching": settings.prefix_caching,
     }
     if settings.max_model_len is not None:
         args["max_model_len"] = settings.max_model_len
@@ -158,8 +164,16 @@ class VllmEngine:
 
     def prompt(self, request: EngineRequest) -> dict[str, Any]:
         """The `EmbedsPrompt` for a request: `(T, H)` in the model's dtype, on the CPU
-        (vLLM moves it to its worker process and GPU itself)."""
-        return {"prompt_embeds": self.model.prompt_embeds(request).cpu()}
+        (vLLM moves it to its worker process and GPU itself).
+
+        vLLM's prefix cache matches prompt-embeds blocks by their bytes, so identical
+        inputs must give bit-identical embeddings: they are built for this request alone
+        (its own projector call over its own kept tokens, never batched with another
+        request's, so no row depends on what else runs), from the features cast to the
+        model's fixed dtype, with text rows looked up in the embedding table. The same
+        kept tokens after the same text therefore give the same rows whatever the
+        question or the turn (`tests/unit/test_vllm_engine.py`)."""
+        return {"prompt_embeds": self.model.prompt_embeds(request).cpu().contiguous()}
 
     async def stream(self, request: EngineRequest,
                      deadline: float | None = None) -> AsyncIterator[Delta | Finished]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -116,7 +116,7 @@ class LanguageClient(AsyncChannelClient):
                        params: common_pb2.GenerationParams | None = None,
                        request_id: str = "", dtype: str = "float16",
                        timeout: float | None = None,
-                       chunk_bytes: int = MAX_CHUNK_BYTES) -> AsyncIterator[Part]:
+                       chunk_bytes: int = MAX_CHUNK_BYTES) -> AsyncGenerator[Part, None]:
         """Stream one generation: `TextDelta`s, then one `Usage`.
 
         Raises the typed error of the server's status on failure; breaking out of the

@@ -6,7 +6,9 @@ hero.vision.v1 and yield its response messages; they raise the typed errors of
 status codes: the gRPC ingress with `services.common.errors.status_for`). Every front
 door (the gRPC `VisionService` of `ingress.py`, an HTTP one) calls these.
 
-Generate, straight through: check every field; a hit is the cache's entry and this
+Generate, straight through: check every field; the tokens are selected for the
+conversation's first question (`first_question`), so every turn of a conversation
+sends the same ones; a hit is the cache's entry and this
 request's selection (`tokens.TokenSource.cached`); a miss first asks the language
 service whether it takes this prompt and these parameters (`Validate`), so no image is
 encoded for a request it would refuse, then takes the tokens of the one encoding
@@ -21,12 +23,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
 
+from hero_core.tiling import TilingSpec
 from services.common.coalesce import coalesce
 from services.common.codec import encode_tensor, layout_message
 from services.common.config import secret_value
@@ -89,6 +92,14 @@ def language_client(config: VisionConfig) -> LanguageClient:
                           token=secret_value(config.language_token))
 
 
+def first_question(turns: Turns) -> str:
+    """The question a conversation's tokens are selected for: its first user turn's, the
+    turn the image opens. Every later turn of the conversation therefore gets the same
+    kept tokens, so its prompt starts with the first turn's prompt (text before the
+    image, then the same visual tokens): the prefix the language engine's KV cache
+    reuses. A method that does not read the question keeps the same tokens for every
+    question about an image anyway."""
+    return next((text for role, text in turns if role == "user"), "")
 def merge_text_deltas(first: common_pb2.TextDelta | common_pb2.Usage,
                       then: common_pb2.TextDelta | common_pb2.Usage
                       ) -> common_pb2.TextDelta | None:
@@ -137,7 +148,7 @@ class VisionPipeline:
         await self.language.close()
 
     async def generate(self, request: vision_pb2.GenerateRequest, *, deadline: float | None,
-                       request_id: str) -> AsyncIterator[vision_pb2.GenerateEvent]:
+                       request_id: str) -> AsyncGenerator[vision_pb2.GenerateEvent, None]:
         """`accepted`, the answer's deltas, then `usage`. `deadline`: the client's, on the
         `time.monotonic()` clock; `request_id`: for logs and the language service."""
         arrival = time.perf_counter()
@@ -145,7 +156,7 @@ class VisionPipeline:
             with self.drain.admit():
                 turns = check_generate(request, self.config)
                 check_deadline(deadline)
-                question = next((t for r, t in reversed(turns) if r == "user"), "")
+                question = first_question(turns)
                 want = await self.tokens.request(request.image, request.prune, question)
                 try:
                     tokens = await self.tokens.cached(want)
@@ -165,7 +176,7 @@ class VisionPipeline:
             raise DeadlineError("the deadline passed before the answer was complete") from exc
 
     async def prune(self, request: vision_pb2.PruneRequest, *, deadline: float | None,
-                    request_id: str) -> AsyncIterator[vision_pb2.PruneResponse]:
+                    request_id: str) -> AsyncGenerator[vision_pb2.PruneResponse, None]:
         """`accepted`, the tokens' layout and tensor header, then the tensor's chunks."""
         try:
             with self.drain.admit():
@@ -183,6 +194,10 @@ class VisionPipeline:
             if not ended_by_deadline(deadline):
                 raise
             raise DeadlineError("the deadline passed before the tokens were sent") from exc
+
+    async def tiling(self) -> TilingSpec:
+        """How the encoder cuts images (the geometry of a layout's tiles)."""
+        return (await self.tokens.spec()).tiling
 
     async def health(self) -> tuple[bool, CacheHealth]:
         """Whether the language service answers, and the token cache's state (a degraded
@@ -220,7 +235,7 @@ class VisionPipeline:
 
     async def _answer(self, request: vision_pb2.GenerateRequest, turns: Turns, tokens: Tokens,
                       request_id: str, arrival: float, deadline: float | None
-                      ) -> AsyncIterator[vision_pb2.GenerateEvent]:
+                      ) -> AsyncGenerator[vision_pb2.GenerateEvent, None]:
         """Stream the answer. A call that fails UNAVAILABLE before its first text is retried
         with backoff (nothing was sent yet, so a retry is safe), but never past the
         client's deadline: the language call ends at that deadline. A call still streaming
@@ -257,8 +272,8 @@ class VisionPipeline:
                             exc.details())
                 await asyncio.sleep(backoff)
 
-    def _coalesced(self, parts: AsyncIterator[common_pb2.TextDelta | common_pb2.Usage]
-                   ) -> AsyncIterator[common_pb2.TextDelta | common_pb2.Usage]:
+    def _coalesced(self, parts: AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]
+                   ) -> AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]:
         """`parts` with the deltas that pile up while the previous event is relayed merged
         into one (`stream_coalesce`, `stream_interval_ms`)."""
         if not self.config.stream_coalesce:

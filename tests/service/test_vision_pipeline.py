@@ -151,3 +151,47 @@ def test_the_relay_merges_a_burst_of_deltas_only_when_coalescing(encoder_object,
     assert [t for d in deltas for t in d.token_ids] == list(range(20))
     assert events[-1].usage.language.completion_tokens == 20
     assert len(deltas) <= 2 if coalesce else len(deltas) == 20
+
+
+class RecordingLanguage(EndlessLanguage):
+    """Records the packed tokens and turns of each Generate; answers "x" once."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent = []
+
+    async def generate(self, packed, messages=(), **_):
+        self.sent.append((packed, tuple(messages)))
+        yield tensor_pb2.TextDelta(text="x")
+
+
+def generated(encoder_object, data: bytes, conversations, method: str):
+    """The packed tokens the language service got for each Generate, in order."""
+    async def main():
+        ingress = VisionIngress(InProcessEncoder(encoder_object), vision_config("memory://"))
+        language = ingress.pipeline.language = RecordingLanguage()
+        for turns in conversations:
+            request = generate_request(data, None, messages=turns, method=method)
+            _ = [e async for e in ingress.pipeline.generate(request, deadline=None,
+                                                             request_id="turns")]
+        return [packed for packed, _ in language.sent]
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("method", ["hero", "fastervlm"])
+def test_a_later_turn_gets_the_tokens_selected_for_the_first_question(encoder_object, image,
+                                                                     method):
+    """A conversation's tokens are chosen for its first question, so a follow-up turn
+    sends exactly the first turn's tokens (the same visual prefix for the language
+    engine's KV cache), whatever it asks now."""
+    first, later = QUESTIONS
+    conversations = [[("user", first)],
+                     [("user", first), ("assistant", "A flag."), ("user", later)],
+                     [("user", later)]]
+    turn1, turn2, alone = generated(encoder_object, image[0], conversations, method)
+    assert_bit_equal(turn2, turn1)
+    if method == "hero":  # the later question alone selects other tokens: not vacuous
+        assert not torch.equal(alone.crop, turn1.crop) or \
+            not torch.equal(alone.features, turn1.features)
+    else:  # a method that does not read the question keeps the same tokens for any
+        assert_bit_equal(alone, turn1)

@@ -11,12 +11,17 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
 from starlette.requests import Request
 
 from hero_core.errors import InvalidInputError, PromptTooLongError
+from hero_core.packing import PackedTokens
+from hero_core.tiling import TilingSpec, plan_grid
+from hero_core.viz import tile_boxes
 from services.common.auth import BearerTokens
+from services.common.codec import layout_message
 from services.common.errors import (
     DeadlineError,
     NotFoundError,
@@ -32,6 +37,7 @@ from services.vision.openai.http import OpenAIApi
 from services.vision.openai.images import allowed_host, decode_data_uri, image_input
 from services.vision.openai.responses import Answer, collect, stream
 from services.vision.openai.schema import parse_request
+from services.vision.playground import assets
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -172,7 +178,8 @@ ACCEPTED = vision_pb2.Accepted(image_id=IMAGE_ID, cache_hit=True, tokens_kept=32
 def usage_event(reason: int = common_pb2.FINISH_REASON_EOS) -> vision_pb2.GenerateEvent:
     return vision_pb2.GenerateEvent(usage=vision_pb2.VisionUsage(
         language=common_pb2.Usage(prompt_tokens=391, visual_tokens=365, completion_tokens=2,
-                                  finish_reason=reason), vision_ms=5.0, ttft_ms=9.0))
+                                  decode_tokens_per_s=40.0, finish_reason=reason),
+        vision_ms=5.0, ttft_ms=9.0, bytes_sent=1234))
 
 
 def delta(text: str) -> vision_pb2.GenerateEvent:
@@ -231,6 +238,10 @@ def test_a_completion_has_the_text_usage_and_hero_figures():
     assert done["choices"][0]["finish_reason"] == "stop"
     assert (done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]) == (391, 2)
     assert done["usage"]["hero"]["image_url"] == f"hero-image://{IMAGE_ID}"
+    # the playground's figures: the pipeline's VisionUsage and the decode speed
+    hero = done["usage"]["hero"]
+    assert (hero["vision_ms"], hero["ttft_ms"], hero["bytes_sent"],
+            hero["decode_tokens_per_s"]) == (5.0, 9.0, 1234, 40.0)
 
 
 # ---- failures ---------------------------------------------------------------------------
@@ -263,13 +274,23 @@ class CannedPipeline:
     """A `VisionPipeline` with a canned answer, recording the requests it gets."""
 
     def __init__(self):
-        self.requests: list[vision_pb2.GenerateRequest] = []
+        self.requests: list[Any] = []
 
     async def generate(self, request, *, deadline, request_id):
         self.requests.append(request)
         yield vision_pb2.GenerateEvent(accepted=ACCEPTED)
         yield delta("hi")
         yield usage_event()
+
+    async def prune(self, request, *, deadline, request_id):
+        self.requests.append(request)
+        yield vision_pb2.PruneResponse(accepted=ACCEPTED)
+        yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
+            layout=layout_message(SELECTION)))
+        raise AssertionError("the features are not read")
+
+    async def tiling(self) -> TilingSpec:
+        return TilingSpec()
 
 
 class Door:
@@ -358,6 +379,94 @@ def test_routes_models_and_an_answer_through_the_pipeline():
     status, _, error, _ = call(api, "POST", "/v1/chat/completions", [raw],
                                {**auth, "content-length": str(len(raw))})
     assert (status, error["error"]["code"]) == (404, "model_not_found")
+
+
+def page(api: OpenAIApi, path: str, headers: dict[str, str] | None = None):
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"",
+             "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()]}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return asyncio.run(api(Request(scope, receive)))
+
+
+def test_the_playground_page_and_its_files_are_served_without_a_token():
+    api = OpenAIApi(Door(tokens="secret"))
+    index = page(api, "/")
+    assert index.status_code == 200
+    assert index.headers["content-type"] == "text/html; charset=utf-8"
+    assert b'src="/playground/playground.js"' in index.body
+    assert "default-src 'self'" in index.headers["content-security-policy"]
+    script = page(api, "/playground/playground.js")
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert b"/v1/hero/layout" in script.body and b"localStorage" not in script.body
+    assert page(api, "/playground/playground.css").headers["content-type"] == \
+        "text/css; charset=utf-8"
+    # every file the page names is served; nothing else under the folder is
+    for name in ("playground.js", "playground.css"):
+        assert f"/playground/{name}".encode() in index.body
+    assert set(assets()) == {"/", "/playground/playground.js", "/playground/playground.css"}
+    assert page(api, "/playground/__init__.py").status_code == 404
+    assert page(api, "/playground/../openai/http.py").status_code == 404
+    # the API behind the page still wants the token
+    assert page(api, "/v1/models").status_code == 401
+
+
+SPEC = TilingSpec()
+GRID = plan_grid((400, 900), SPEC)  # 1 row of 3 tiles (1008x336 canvas), padded
+SIDE = GRID.side  # 24 tokens; the 9 leftmost columns of tile 1 and rightmost of tile 3 pad
+SELECTION = PackedTokens(
+    features=torch.zeros(5, 4), crop=torch.tensor([0, 0, 1, 3, 3], dtype=torch.int16),
+    row=torch.tensor([0, SIDE - 1, 12, 12, 13], dtype=torch.int16),
+    col=torch.tensor([0, SIDE - 1, 9, SIDE - 10, SIDE - 10], dtype=torch.int16),
+    newline_after=torch.zeros(5, dtype=torch.bool), image_size=(400, 900),
+    grid=(GRID.rows, GRID.cols), side=SIDE, full_tokens=2000)
+
+
+def test_the_layout_endpoint_gives_each_kept_token_its_box_and_each_tile_its_budget():
+    door = Door(tokens="secret")
+    api, auth = OpenAIApi(door), {"authorization": "Bearer secret"}
+    raw = json.dumps({"image_url": f"hero-image://{IMAGE_ID}", "question": "Which car?",
+                      "hero": {"method": "fastervlm", "retention": 0.25}}).encode()
+    assert call(api, "POST", "/v1/hero/layout", [raw],
+                {"content-length": str(len(raw))})[0] == 401
+    status, _, layout, _ = call(api, "POST", "/v1/hero/layout", [raw],
+                                {**auth, "content-length": str(len(raw))})
+    assert status == 200, layout
+    (request,) = door.pipeline.requests
+    assert (request.image.image_id, request.question) == (IMAGE_ID, "Which car?")
+    assert (request.prune.method, layout["method"], layout["retention"]) == \
+        ("fastervlm", "fastervlm", 0.25)
+    assert layout["hero"]["visual_tokens_kept"] == ACCEPTED.tokens_kept
+    assert (layout["grid"], layout["image"]) == ({"rows": 1, "cols": 3},
+                                                 {"width": 900, "height": 400})
+    assert [t["kept"] for t in layout["tiles"]] == [1, 0, 2]
+    assert layout["thumbnail"]["kept"] == 2 and layout["thumbnail"]["of"] == SIDE * SIDE
+    # the thumbnail's corners are the image's; tiles split the image from left to right
+    first, last = layout["thumbnail"]["tokens"]
+    assert first[:2] == [0, 0] and last[2:] == [1, 1]
+    boxes = [t["box"] for t in layout["tiles"]]
+    assert boxes[0][0] == 0 and boxes[-1][2] == 1 and boxes[0][2] == boxes[1][0]
+    # each tile token lies inside its tile: the left edge of tile 1, the right of tile 3
+    left, right, below = layout["tile_tokens"]
+    assert left[0] == 0 and right[2] == pytest.approx(1) and below[1] == right[3]
+    assert boxes[0][0] <= left[0] < left[2] <= boxes[0][2]
+    assert boxes[2][0] <= right[0] < right[2] <= boxes[2][2]
+    raw = json.dumps({"image_url": URI, "hero": {"retention": 2}}).encode()
+    status, _, error, _ = call(api, "POST", "/v1/hero/layout", [raw],
+                               {**auth, "content-length": str(len(raw))})
+    assert (status, error["error"]["param"]) == (400, "hero.retention")
+
+
+def test_tile_boxes_cover_the_image_once_without_its_padding():
+    for size in [(400, 900), (900, 400), (600, 600), (300, 1200)]:
+        grid = plan_grid(size, SPEC)
+        boxes = tile_boxes(grid)
+        assert len(boxes) == grid.rows * grid.cols
+        area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes)
+        assert area == pytest.approx(1.0), size
+        assert all(0 <= v <= 1 for box in boxes for v in box)
 
 
 class EndlessPipeline(CannedPipeline):

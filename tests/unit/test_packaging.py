@@ -50,6 +50,8 @@ def test_the_built_wheel_carries_the_generated_protos_and_the_sdk_imports_from_i
     for proto in ("common/v1/tensor", "language/v1/language", "vision/v1/vision"):
         assert f"hero/{proto}_pb2.py" in names and f"hero/{proto}_pb2.pyi" in names
     assert "hero/vision/v1/vision_pb2_grpc.py" in names
+    for page in ("index.html", "playground.js", "playground.css"):  # the playground page
+        assert f"services/vision/playground/{page}" in names
     result = subprocess.run([sys.executable, "-S", "-c", CHECK, str(unpacked),
                              sysconfig.get_paths()["purelib"]],
                             capture_output=True, text=True, cwd=tmp_path)

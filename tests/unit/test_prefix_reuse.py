@@ -96,6 +96,27 @@ def test_a_follow_up_question_reuses_the_image_and_gets_the_same_answer(language
     assert_same_answer("follow", got, engine, ref, ref_engine)
 
 
+def test_a_later_turn_of_a_conversation_reuses_the_first_turns_prompt(language_model,
+                                                                     packed):
+    """The vision service sends a conversation's later turns the first turn's kept tokens
+    (`services.vision.pipeline.first_question`): such a turn's prompt extends the first
+    turn's, and every full block of what they have in common is found in the cache."""
+    first = request("turn-1", packed, "What is the astronaut holding?", 6)
+    later = dataclasses.replace(first, request_id="turn-2", messages=(
+        *first.messages, ("assistant", "A flag."), ("user", "What colour is it?")))
+    (_, got), engine = answers(language_model, [first, later])
+    (ref,), ref_engine = answers(language_model, [later], prefix_cache=False)
+    ids = [language_model.prompt_ids(r).tolist() for r in (first, later)]
+    first_ids, later_ids = ids
+    common = next((i for i, (a, b) in enumerate(zip(first_ids, later_ids, strict=False))
+                   if a != b), len(first_ids))
+    shared = common - 1 + packed.num_embeddings  # the image placeholder spreads out
+    (_, first_hits), (tokens, hits) = engine.observer.admissions
+    assert first_hits == 0 and shared > 7 + packed.num_embeddings
+    assert shared // 16 * 16 <= hits < tokens
+    assert_same_answer("turn-2", got, engine, ref, ref_engine)
+
+
 def test_the_same_request_again_reuses_its_prompt_and_its_answer(language_model, packed):
     ask = request("again", packed, "What is the astronaut holding?", 40)
     (ref, got), engine = answers(language_model, [ask, ask])

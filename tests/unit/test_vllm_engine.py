@@ -12,6 +12,8 @@ engines is tests/unit/test_engine_contract.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import threading
 import time
 
@@ -24,6 +26,7 @@ from services.language.config import VllmConfig
 from services.language.decoding import SamplingParams
 from services.language.model import EngineRequest
 from services.language.vllm_engine import VllmEngine, engine_args, finish_reason, sampling_kwargs
+from tests.conftest import noise_image
 from tests.unit.test_batched_engine import collect
 from tests.unit.vllm_standin import StandInLLM
 
@@ -118,6 +121,8 @@ def test_sampling_parameters_and_engine_arguments_handed_to_vllm():
     assert args["limit_mm_per_prompt"] == {"image": 0}  # vLLM runs the text model only
     assert (args["dtype"], args["max_model_len"], args["max_num_seqs"]) == ("float16", 4096, 128)
     assert engine_args(spec, VllmConfig(llm="/models/vicuna"))["model"] == "/models/vicuna"
+    assert args["enable_prefix_caching"] is True  # reuse, as the batched engine does
+    assert engine_args(spec, VllmConfig(prefix_caching=False))["enable_prefix_caching"] is False
 
 
 @pytest.mark.parametrize(("reason", "stop_reason", "ours"), [
@@ -150,3 +155,52 @@ def test_requests_too_long_for_vllm_are_refused_naming_the_limit(embeddings_mode
 def test_the_language_model_loads_without_the_vision_tower(tiny_dir):
     vlm = load_vlm(resolve_spec("tiny", tiny_dir.parent), parts="embeddings")
     assert not hasattr(vlm.model.model, "vision_tower")
+
+
+def block_keys(embeds: torch.Tensor, block_size: int = 16) -> list[bytes]:
+    """Keys of the full blocks of prompt embeddings as vLLM's prefix cache forms them:
+    each block's rows hashed by their bytes (SHA-256), chained over the blocks before."""
+    keys, parent = [], b""
+    for start in range(0, embeds.shape[0] - block_size + 1, block_size):
+        rows = embeds[start:start + block_size].contiguous().view(torch.uint8)
+        parent = hashlib.sha256(parent + hashlib.sha256(rows.numpy().tobytes()).digest()
+                                ).digest()
+        keys.append(parent)
+    return keys
+
+
+def test_identical_requests_hand_vllm_bit_identical_embeddings(embeddings_model,
+                                                               language_model, pruner, photo):
+    """vLLM reuses a prompt-embeds block only when its bytes match: the same request built
+    twice, and once while a different request is built and run beside it, gives
+    `torch.equal` embeddings; a later turn about the same kept tokens gives the first
+    turn's rows up to where their text differs, so vLLM finds every block of the image."""
+    hero = create_method("hero")
+    packed = pruner.prune(photo, "What is held?", hero, 0.111).packed
+    other = pruner.prune(noise_image(300, 600, 5), "What?", hero, 0.2).packed
+    ask = EngineRequest("ask", packed, (("user", "What is the astronaut holding?"),),
+                        SamplingParams(3))
+    beside = EngineRequest("beside", other, (("user", "Describe it."),), SamplingParams(3))
+    later = dataclasses.replace(ask, request_id="later", messages=(
+        *ask.messages, ("assistant", "A flag."), ("user", "What colour is it?")))
+    engine = vllm_engine(embeddings_model, language_model)
+    alone = engine.prompt(ask)["prompt_embeds"]
+    assert torch.equal(engine.prompt(ask)["prompt_embeds"], alone)
+
+    async def together():
+        return await asyncio.gather(collect(engine, ask), collect(engine, beside),
+                                    collect(engine, later))
+    asyncio.run(together())
+    handed = {len(p["prompt_embeds"]): p["prompt_embeds"] for p in engine.llm.prompts}
+    assert len(handed) == 3
+    assert torch.equal(handed[alone.shape[0]], alone)
+    assert alone.dtype == language_model.model.dtype
+    followed = handed[language_model.prompt_tokens(later)]
+    image_end = int((language_model.prompt_ids(ask) == language_model.image_token_id
+                     ).nonzero()[0]) + packed.num_embeddings
+    assert torch.equal(followed[:image_end], alone[:image_end])
+    first, then = block_keys(alone), block_keys(followed)
+    shared = next((i for i, (a, b) in enumerate(zip(first, then, strict=False)) if a != b),
+                  len(first))
+    assert shared >= image_end // 16 and shared > 0
+    assert block_keys(handed[language_model.prompt_tokens(beside)])[0] != first[0]

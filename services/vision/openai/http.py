@@ -3,8 +3,11 @@
     POST /v1/chat/completions     an image and a conversation in, an answer out
     GET  /v1/models               the served model, with HERO's methods and defaults
     GET  /v1/models/{id}
+    POST /v1/hero/layout          where a selection's kept tokens sit (`layout.py`)
+    GET  /                        the playground page, and its files under /playground/
 
-Every route takes the gRPC API's bearer tokens (`Authorization: Bearer <token>`),
+The page and its files are served to anyone (they hold nothing secret). Every other
+route takes the gRPC API's bearer tokens (`Authorization: Bearer <token>`),
 checked before anything else is read; then the `hero-timeout-ms` header, when sent, as
 the call's deadline (as on gRPC); then the body, refused before any of it is parsed
 without a Content-Length (411) or when that length, or the bytes that have arrived,
@@ -34,12 +37,16 @@ from services.vision.door import deadline_of
 from services.vision.metrics import VisionMetrics
 from services.vision.openai.convert import check_model, generate_request
 from services.vision.openai.errors import HttpError, body_too_large, error_response
+from services.vision.openai.layout import selection_layout
 from services.vision.openai.responses import Answer, collect, response_headers, stream
-from services.vision.openai.schema import parse_request
+from services.vision.openai.schema import parse_layout_request, parse_request
 from services.vision.pipeline import VisionPipeline
+from services.vision.playground import HEADERS as PAGE_HEADERS
+from services.vision.playground import assets
 
 CHAT = "/v1/chat/completions"
 MODELS = "/v1/models"
+LAYOUT = "/v1/hero/layout"
 _LENGTH = re.compile(r"[0-9]{1,19}")
 Metadata = list[tuple[str, Any]]
 
@@ -139,10 +146,16 @@ class OpenAIApi:
         self.served = self.config.openai.served_model_name or self.config.model
         self.created = int(time.time())
         self.routes: dict[tuple[str, str], Callable[..., Awaitable[Response]]] = {
-            ("POST", CHAT): self.chat, ("GET", MODELS): self.models}
+            ("POST", CHAT): self.chat, ("GET", MODELS): self.models,
+            ("POST", LAYOUT): self.layout}
+        self.assets = assets()
 
     async def __call__(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
+        asset = self.assets.get(request.url.path)
+        if asset is not None and request.method == "GET":
+            content, media_type = asset
+            return Response(content, media_type=media_type, headers=PAGE_HEADERS)
         try:
             handler = self._route(request)
             metadata = header_metadata(request)
@@ -169,7 +182,8 @@ class OpenAIApi:
             raise HttpError(405, "method_not_allowed",
                             f"{request.method} is not allowed on {path}")
         raise HttpError(404, "unknown_url", f"no route {request.method} {path[:200]}; "
-                        f"this server answers POST {CHAT} and GET {MODELS}")
+                        f"this server answers POST {CHAT}, GET {MODELS}, POST {LAYOUT} "
+                        "and the playground page at /")
 
     def _count(self, code: str) -> None:
         self.door.metrics.requests.inc(1, tags={"rpc": "ChatCompletions", "code": code})
@@ -202,6 +216,15 @@ class OpenAIApi:
         text, usage = await collect(events)
         self._count("OK")
         return JSONResponse(answer.completion(text, usage), headers=headers)
+
+    async def layout(self, request: Request, metadata: Metadata, request_id: str) -> Response:
+        deadline = deadline_of(metadata)
+        data = await read_body(request, self.config.max_http_body_bytes)
+        request.state.read = True
+        body = parse_layout_request(data)
+        tiling = await self.pipeline.tiling()
+        return JSONResponse(await selection_layout(self.pipeline, tiling, body, self.config,
+                                                   deadline, request_id))
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.served, "object": "model", "created": self.created,

@@ -8,7 +8,9 @@ empty `choices` and `usage`; then `data: [DONE]`. A failure after the answer sta
 is sent as a `data: {"error": ...}` event before `[DONE]` (the status line is gone).
 
 `usage` is OpenAI's (`prompt_tokens` counts the visual tokens the LLM prefilled) with
-`usage.hero`: the Accepted figures plus the vision and language timings.
+`usage.hero`: the Accepted figures plus the pipeline's `VisionUsage` (vision and queue
+time, TTFT, bytes of tokens sent to the language service) and the language service's
+prefill time and decode speed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
@@ -54,6 +56,7 @@ def usage_object(accepted: vision_pb2.Accepted, usage: vision_pb2.VisionUsage
                      "visual_embeddings": language.visual_tokens,
                      "vision_ms": usage.vision_ms, "queue_ms": usage.queue_ms,
                      "ttft_ms": usage.ttft_ms, "prefill_ms": language.prefill_ms,
+                     "decode_tokens_per_s": language.decode_tokens_per_s,
                      "bytes_sent": usage.bytes_sent}}
 
 
@@ -103,7 +106,15 @@ class Answer:
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def collect(events: AsyncIterator[vision_pb2.GenerateEvent]
+class Events(Protocol):
+    """The pipeline's events as the writers below take them: iterated, then closed."""
+
+    def __aiter__(self) -> AsyncIterator[vision_pb2.GenerateEvent]: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def collect(events: Events
                   ) -> tuple[str, vision_pb2.VisionUsage | None]:
     """The whole text and the usage of the events after Accepted."""
     text, usage = [], None
@@ -116,7 +127,7 @@ async def collect(events: AsyncIterator[vision_pb2.GenerateEvent]
     return "".join(text), usage
 
 
-async def stream(answer: Answer, events: AsyncIterator[vision_pb2.GenerateEvent],
+async def stream(answer: Answer, events: Events,
                  include_usage: bool, ended: Callable[[str], None]) -> AsyncIterator[bytes]:
     """The server-sent events of a streaming answer; `ended(code name)` is called once
     with OK or the failure's code (not when the client went away: a cancel). Closing

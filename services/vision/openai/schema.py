@@ -10,13 +10,14 @@ takes it (answers of a fixed length, for benchmarks).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hero_core.errors import InvalidInputError
 
 MAX_SEED = (1 << 64) - 1
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Lenient(BaseModel):
@@ -88,6 +89,19 @@ class ChatCompletionRequest(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class LayoutRequest(BaseModel):
+    """The body of `POST /v1/hero/layout`: which image, question and pruning settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str
+    """As a chat message's `image_url.url`: a data URI, `hero-image://<id>`, or an http(s)
+    URL of an allowed host."""
+    question: str = ""
+    """The question that guides the tile budgets (the chat's last user text)."""
+    hero: HeroOptions | None = None
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     """`messages[0].content[1].image_url` from pydantic's location tuple, less the names
     pydantic puts in for union members (`str`, `list[...]`) and for the tag of a
@@ -110,8 +124,17 @@ def _where(loc: tuple[Any, ...]) -> str:
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """The body as a checked request; `InvalidInputError` naming the first bad field
     (never echoing its value: it may be megabytes of base64)."""
+    return _parse(ChatCompletionRequest, body)
+
+
+def parse_layout_request(body: bytes) -> LayoutRequest:
+    """The body of `POST /v1/hero/layout`, checked as `parse_request` checks a chat's."""
+    return _parse(LayoutRequest, body)
+
+
+def _parse(model: type[M], body: bytes) -> M:
     try:
-        return ChatCompletionRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         if errors[0]["type"] == "json_invalid":
