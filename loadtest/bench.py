@@ -25,6 +25,7 @@ from loadtest.micro import (
     kv_report,
     prefill,
     prefix_share,
+    relay,
     vision_cache,
     wire,
 )
@@ -71,6 +72,8 @@ def kv_cache_section() -> str:
 
 def prefix_share_section() -> str:
     return prefix_share.report(prefix_share.run())
+def relay_section() -> str:
+    return relay.report(relay.run())
 
 
 def load_section() -> str:
@@ -89,6 +92,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("language engines, batched vs one at a time", batching_section),
     ("language kv cache: prefix reuse, growth, admission", kv_cache_section),
     ("prefix shared by two questions", prefix_share_section),
+    ("relay: whole system against the engine, coalescing off and on", relay_section),
     ("load against the baseline", load_section),
     ("aiperf over the openai api", aiperf_section),
 ]

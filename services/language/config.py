@@ -185,6 +185,16 @@ class LanguageConfig(ServiceSettings):
     """How long calls on an aged connection may still run (a long streamed answer)."""
     warmup: bool = True
     """Run one tiny generation before reporting SERVING."""
+    stream_coalesce: bool = True
+    """Merge the text deltas that arrive while a call's previous response is still being
+    written into one response (lossless: text and token ids concatenated), so a busy
+    service sends fewer, larger messages; a call whose writer keeps up gets each delta as
+    it comes."""
+    stream_interval_ms: float = Field(20.0, ge=0, le=1000)
+    """With `stream_coalesce`: how long a delta (not a stream's first) may wait for more
+    before it is sent; 0 sends it as soon as the writer is free. The default bounds the
+    added inter-token latency to 20 ms and merges ~5 tokens per message at the tiny
+    model's per-stream decode rate (docs/BENCHMARKS.md, the relay section)."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)

@@ -22,6 +22,7 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.language.v1 import language_pb2, language_pb2_grpc
 
 from hero_core.errors import InvalidInputError
+from services.common.coalesce import coalesce
 from services.common.codec import (
     DTYPE_NAMES,
     ChunkAssembler,
@@ -78,6 +79,13 @@ def messages_of(header: language_pb2.GenerateHeader,
     return turns_of(header.prompt if which == "prompt" else None,
                     list(header.chat.messages) if which == "chat" else None,
                     limits.max_prompt_chars, limits.max_messages)
+
+
+def merge_deltas(first: Delta | Finished, then: Delta | Finished) -> Delta | None:
+    """One delta saying what `first` then `then` say; None unless both are deltas."""
+    if isinstance(first, Delta) and isinstance(then, Delta):
+        return Delta(first.text + then.text, [*first.token_ids, *then.token_ids])
+    return None
 
 
 async def _drain(stream: AsyncIterator[language_pb2.GenerateRequest],
@@ -229,7 +237,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             stream = cast(AsyncGenerator[Delta | Finished, None],
                           self._engine().stream(request, deadline))  # engines are generators
             async with contextlib.aclosing(stream) as engine_events, \
-                    contextlib.aclosing(self.drain.until_expired(engine_events)) as events:
+                    contextlib.aclosing(self.drain.until_expired(engine_events)) as guarded, \
+                    contextlib.aclosing(self._coalesced(guarded)) as events:
                 async for event in events:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise DeadlineError("the call's deadline passed; generation stopped")
@@ -240,6 +249,14 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
                         yield language_pb2.GenerateResponse(usage=self._usage(event, arrival))
         finally:
             self.metrics.in_flight.dec()
+
+    def _coalesced(self, events: AsyncGenerator[Delta | Finished, None]
+                   ) -> AsyncGenerator[Delta | Finished, None]:
+        """`events` with the deltas that pile up while a response is being written merged
+        into one (`stream_coalesce`, `stream_interval_ms`)."""
+        if not self.config.stream_coalesce:
+            return events
+        return coalesce(events, merge_deltas, self.config.stream_interval_ms / 1e3)
 
     def _usage(self, done: Finished, arrival: float) -> common_pb2.Usage:
         ttft_ms = (done.first_token_at - arrival) * 1e3 if done.first_token_at else 0.0

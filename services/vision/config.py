@@ -133,6 +133,14 @@ class VisionConfig(ServiceSettings):
     """Retries of a language call that fails UNAVAILABLE before any text was streamed."""
     language_backoff_s: float = Field(0.2, ge=0)
     """First retry delay; doubles each retry."""
+    stream_coalesce: bool = True
+    """Merge the language service's text deltas that arrive while the previous event is
+    still on its way to the client into one event (lossless: text and token ids
+    concatenated), so a busy replica relays fewer, larger messages; a client whose stream
+    keeps up gets each delta as it comes."""
+    stream_interval_ms: float = Field(0.0, ge=0, le=1000)
+    """With `stream_coalesce`: how long a delta (not an answer's first) may wait for more
+    before it is relayed; 0 relays it as soon as the stream is free."""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)

@@ -30,6 +30,7 @@ from hero.common.v1 import tensor_pb2 as common_pb2
 from hero.vision.v1 import vision_pb2
 
 from hero_core.tiling import TilingSpec
+from services.common.coalesce import coalesce
 from services.common.codec import encode_tensor, layout_message
 from services.common.config import secret_value
 from services.common.drain import Drain
@@ -99,6 +100,14 @@ def first_question(turns: Turns) -> str:
     reuses. A method that does not read the question keeps the same tokens for every
     question about an image anyway."""
     return next((text for role, text in turns if role == "user"), "")
+def merge_text_deltas(first: common_pb2.TextDelta | common_pb2.Usage,
+                      then: common_pb2.TextDelta | common_pb2.Usage
+                      ) -> common_pb2.TextDelta | None:
+    """One delta saying what `first` then `then` say; None unless both are deltas."""
+    if isinstance(first, common_pb2.TextDelta) and isinstance(then, common_pb2.TextDelta):
+        return common_pb2.TextDelta(text=first.text + then.text,
+                                    token_ids=[*first.token_ids, *then.token_ids])
+    return None
 
 
 def accepted(tokens: Tokens) -> vision_pb2.Accepted:
@@ -242,8 +251,9 @@ class VisionPipeline:
                 # closing `guarded` leaves `parts` suspended when it happens at a yield:
                 # `parts` is closed on its own (its close cancels the language call)
                 async with contextlib.aclosing(parts), \
-                        contextlib.aclosing(self.drain.until_expired(parts)) as guarded:
-                    async for part in guarded:
+                        contextlib.aclosing(self.drain.until_expired(parts)) as guarded, \
+                        contextlib.aclosing(self._coalesced(guarded)) as relayed:
+                    async for part in relayed:
                         if isinstance(part, common_pb2.Usage):
                             yield self._usage(part, tokens, first_ms)
                         else:
@@ -261,6 +271,14 @@ class VisionPipeline:
                 log.warning("language service unavailable, retry %d: %s", attempt + 1,
                             exc.details())
                 await asyncio.sleep(backoff)
+
+    def _coalesced(self, parts: AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]
+                   ) -> AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]:
+        """`parts` with the deltas that pile up while the previous event is relayed merged
+        into one (`stream_coalesce`, `stream_interval_ms`)."""
+        if not self.config.stream_coalesce:
+            return parts
+        return coalesce(parts, merge_text_deltas, self.config.stream_interval_ms / 1e3)
 
     def _usage(self, part: common_pb2.Usage, tokens: Tokens,
                first_ms: float) -> vision_pb2.GenerateEvent:

@@ -122,6 +122,37 @@ def test_closing_an_answer_at_a_yield_closes_its_language_call(encoder_object, i
     assert kinds == ["accepted", "delta", "delta", "delta"] and closed
 
 
+class BurstLanguage(EndlessLanguage):
+    """Answers with 20 one-token deltas made at once, then the usage."""
+
+    async def generate(self, packed, **_):
+        for i in range(20):
+            yield tensor_pb2.TextDelta(text=f"w{i} ", token_ids=[i])
+        await asyncio.sleep(0.05)
+        yield tensor_pb2.Usage(completion_tokens=20)
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_the_relay_merges_a_burst_of_deltas_only_when_coalescing(encoder_object, image,
+                                                                 coalesce):
+    """`stream_coalesce`: what the language service sent at once is relayed in one or two
+    events (the first delta may go alone), saying the same text and tokens; off, one
+    event per delta."""
+    async def main():
+        ingress = VisionIngress(InProcessEncoder(encoder_object), vision_config(
+            "memory://", stream_coalesce=coalesce, stream_interval_ms=500.0))
+        ingress.pipeline.language = BurstLanguage()
+        return [e async for e in ingress.pipeline.generate(
+            generate_request(image[0], "What is it?"), deadline=None, request_id="burst")]
+
+    events = asyncio.run(main())
+    deltas = [e.delta for e in events if e.WhichOneof("event") == "delta"]
+    assert "".join(d.text for d in deltas) == "".join(f"w{i} " for i in range(20))
+    assert [t for d in deltas for t in d.token_ids] == list(range(20))
+    assert events[-1].usage.language.completion_tokens == 20
+    assert len(deltas) <= 2 if coalesce else len(deltas) == 20
+
+
 class RecordingLanguage(EndlessLanguage):
     """Records the packed tokens and turns of each Generate; answers "x" once."""
 
