@@ -13,8 +13,9 @@ more before sending: a delta that finds the writer free is held at most `interva
 
 The merge is lossless: `merge(a, b)` gives one item equal to `a` then `b` (text and
 token ids concatenated), or None when `b` cannot join `a` (a final usage message),
-which then follows on its own. An error of the source comes after every item read
-before it; closing the coalesced stream cancels the reader, which closes the source.
+which then follows on its own. An error of the source (a CancelledError it raises
+itself included) comes after every item read before it; closing the coalesced stream
+cancels the reader, which closes the source.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ async def coalesce(source: AsyncIterator[T], merge: Callable[[T, T], T | None],
                 pending.append(item)
                 arrived.set()
             ended.append(None)
+        except asyncio.CancelledError as exc:
+            reader_task = asyncio.current_task()
+            if reader_task is not None and reader_task.cancelling():
+                raise  # the coalesced stream was closed
+            ended.append(exc)  # the source raised it (grpc.aio's self-cancel): handed on
         except Exception as exc:  # handed to the writer after the items before it
             ended.append(exc)
         finally:

@@ -175,6 +175,30 @@ def test_an_error_comes_after_the_items_before_it():
     assert joined(asyncio.run(main())) == ("ab", [1, 2])
 
 
+@pytest.mark.parametrize("interval", [0.0, 0.02])
+def test_a_cancelled_error_the_source_raises_itself_reaches_the_writer(interval):
+    """grpc.aio raises CancelledError out of a call it cancelled itself (its deadline
+    passed while the request stream closed) although nobody cancelled the reader: the
+    writer gets it after the items before it, instead of waiting for the reader forever."""
+    async def self_cancelled():
+        yield Delta("a", [1])
+        await asyncio.sleep(0.01)
+        raise asyncio.CancelledError
+
+    async def main():
+        out = []
+
+        async def drain():
+            async for item in coalesce(self_cancelled(), merge_deltas, interval):
+                out.append(item)
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(drain())), 5)
+        return out
+
+    assert joined(asyncio.run(main())) == ("a", [1])
+
+
 def test_closing_the_stream_closes_its_source():
     async def main():
         closed = asyncio.Event()
