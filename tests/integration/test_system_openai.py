@@ -133,7 +133,9 @@ def test_greedy_answers_through_http_and_grpc_are_the_same_tokens(oa, client, ph
             temperature=0, stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         http_texts = [c.choices[0].delta.content for c in chunks[1:-2]]
-        assert http_texts == grpc_texts  # delta by delta: the same token stream
+        # the same text; where each stream cuts it into deltas depends on timing, as
+        # both services coalesce the deltas that queue behind a busy writer
+        assert "".join(http_texts) == "".join(grpc_texts) and all(http_texts)
         assert chunks[-1].usage.completion_tokens == \
             grpc_events[-1].usage.language.completion_tokens
 

@@ -89,7 +89,9 @@ def test_equivalence_compact_dtypes_match_generation_on_the_same_rounded_tokens(
 def test_many_small_chunks_give_the_same_answer(server, astronaut_tokens):
     big = call(server, requests(astronaut_tokens))
     small = call(server, requests(astronaut_tokens, chunk_bytes=4096))
-    assert [r.delta.token_ids for r in big[:-1]] == [r.delta.token_ids for r in small[:-1]]
+    # the same tokens (where coalescing cuts them into messages depends on timing)
+    assert [t for r in big[:-1] for t in r.delta.token_ids] == \
+        [t for r in small[:-1] for t in r.delta.token_ids]
     assert len(requests(astronaut_tokens, chunk_bytes=4096)) > 20
 
 
