@@ -30,6 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from services.common.drain import Drain
 
@@ -97,12 +99,17 @@ class DrainSignal:
 
 def follow(drain: Drain) -> asyncio.Task[None] | None:
     """Make an ingress replica's `drain` follow the runner's signal; None where there is
-    none (a Ray cluster without a runner, or no event loop: a test outside Serve)."""
+    none (a Ray cluster without a runner), or outside a Serve replica (an ingress built in
+    a test's process, which may run Ray for a local system of its own)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return None
     if not ray.is_initialized():
+        return None
+    try:
+        serve.get_replica_context()
+    except RayServeException:
         return None
     try:
         signal = ray.get_actor(SIGNAL_NAME, namespace=NAMESPACE)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 
 import grpc
 import pytest
+import ray
 import redis
 import torch
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
@@ -13,6 +15,8 @@ from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 from hero_core.generation import format_prompt
 from hero_core.methods import create_method
 from hero_core.tiling import plan_grid
+from services.common.drain import Drain
+from services.vision.drain import NAMESPACE, SIGNAL_NAME, follow
 from tests.conftest import noise_image
 from tests.integration.conftest import png
 
@@ -258,3 +262,15 @@ def test_the_vision_metrics_are_exported_under_their_documented_names(system):
         time.sleep(2)
     assert all(name in text for name in wanted), [n for n in wanted if n not in text]
     assert "ray_hero_vision_stage_ms" not in text
+
+
+def test_an_ingress_built_outside_a_replica_does_not_follow_the_runners_drain(system):
+    """This process runs the system's Ray and its drain signal; an ingress object built here
+    (as the service tests build theirs) is no replica of it, so it leaves no task behind
+    following that signal."""
+    assert ray.is_initialized() and ray.get_actor(SIGNAL_NAME, namespace=NAMESPACE)
+
+    async def main():
+        return follow(Drain())
+
+    assert asyncio.run(main()) is None
