@@ -55,7 +55,7 @@ def visual_prefix(tokenizer: Any, image_token_id: int, packed: Any,
     return keys.upto(keys.image_end // BLOCK, [])
 
 
-def shared(a: list[bytes], b: list[bytes]) -> int:
+def common_blocks(a: list[bytes], b: list[bytes]) -> int:
     """Leading blocks the two prompts have in common."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
@@ -79,7 +79,7 @@ def run(images: int = IMAGES) -> dict[str, Any]:
             for q1, q2 in itertools.combinations(QUESTIONS, 2):
                 (kept, a), (_, b) = prefixes[q1], prefixes[q2]
                 rows[name].append({"image": seed, "kept": kept, "blocks": len(a),
-                                   "shared": shared(a, b)})
+                                   "common": common_blocks(a, b)})
     return {"retention": retention, "rows": rows, "images": images}
 
 
@@ -107,16 +107,16 @@ def report(r: dict[str, Any]) -> str:
         rows = r["rows"][name]
         kept = statistics.mean(x["kept"] for x in rows)
         blocks = statistics.mean(x["blocks"] for x in rows)
-        got = [x["shared"] for x in rows]
+        got = [x["common"] for x in rows]
         frac = sum(got) / sum(x["blocks"] for x in rows)
-        every = sum(x["shared"] == x["blocks"] for x in rows)
+        every = sum(x["common"] == x["blocks"] for x in rows)
         lines.append(f"| {name} | {kept:.0f} | {blocks:.1f} | {statistics.mean(got):.1f} | "
                      f"{min(got)} | {max(got)} | **{frac:.0%}** | {every} of {len(rows)} |")
     hero = r["rows"]["hero"]
     per_image = []
     for seed in range(r["images"]):
         mine = [x for x in hero if x["image"] == seed]
-        share = sum(x["shared"] for x in mine) / sum(x["blocks"] for x in mine)
+        share = sum(x["common"] for x in mine) / sum(x["blocks"] for x in mine)
         per_image.append(f"image {seed}: {share:.0%}")
     lines += [
         "",

@@ -110,10 +110,10 @@ def test_a_later_turn_of_a_conversation_reuses_the_first_turns_prompt(language_m
     first_ids, later_ids = ids
     common = next((i for i, (a, b) in enumerate(zip(first_ids, later_ids, strict=False))
                    if a != b), len(first_ids))
-    shared = common - 1 + packed.num_embeddings  # the image placeholder spreads out
+    in_common = common - 1 + packed.num_embeddings  # the image placeholder spreads out
     (_, first_hits), (tokens, hits) = engine.observer.admissions
-    assert first_hits == 0 and shared > 7 + packed.num_embeddings
-    assert shared // 16 * 16 <= hits < tokens
+    assert first_hits == 0 and in_common > 7 + packed.num_embeddings
+    assert in_common // 16 * 16 <= hits < tokens
     assert_same_answer("turn-2", got, engine, ref, ref_engine)
 
 

@@ -200,7 +200,7 @@ def test_identical_requests_hand_vllm_bit_identical_embeddings(embeddings_model,
                      ).nonzero()[0]) + packed.num_embeddings
     assert torch.equal(followed[:image_end], alone[:image_end])
     first, then = block_keys(alone), block_keys(followed)
-    shared = next((i for i, (a, b) in enumerate(zip(first, then, strict=False)) if a != b),
+    same_upto = next((i for i, (a, b) in enumerate(zip(first, then, strict=False)) if a != b),
                   len(first))
-    assert shared >= image_end // 16 and shared > 0
+    assert same_upto >= image_end // 16 and same_upto > 0
     assert block_keys(handed[language_model.prompt_tokens(beside)])[0] != first[0]
