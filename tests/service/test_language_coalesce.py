@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 from hero.common.v1 import tensor_pb2 as common_pb2
 
+from loadtest.micro.relay_standin import FloodEngine
 from services.language.app import build_engine
 from services.language.decoding import Delta
-from services.language.engine import Engine, EngineRequest, Finished
+from services.language.engine import EngineRequest, Finished
 from services.sdk.language import SyncLanguageClient
 from tests.service.conftest import ServerThread, language_config, language_server
 
@@ -56,14 +57,8 @@ def test_coalesced_answers_equal_uncoalesced_ones_stop_strings_included(
         merged.stop()
 
 
-class BurstEngine:
+class BurstEngine(FloodEngine):
     """The real engine's checks; every answer is `BURST` one-token deltas made at once."""
-
-    def __init__(self, engine: Engine):
-        self.inner, self.info, self.observer = engine, engine.info, None
-
-    def check(self, request: EngineRequest, max_prompt_tokens: int) -> EngineRequest:
-        return self.inner.check(request, max_prompt_tokens)
 
     async def stream(self, request: EngineRequest, deadline: float | None = None
                      ) -> AsyncIterator[Delta | Finished]:
@@ -71,12 +66,6 @@ class BurstEngine:
             yield Delta(f"w{i} ", [10 + i])
         await asyncio.sleep(0.05)
         yield Finished(7, 3, BURST, 1.0, time.perf_counter(), 100.0, "length")
-
-    def stats(self):
-        return self.inner.stats()
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
 
 
 @pytest.mark.parametrize("coalesce", [False, True])
