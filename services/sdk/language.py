@@ -92,6 +92,14 @@ class LanguageClient(AsyncChannelClient):
         self.stub = language_pb2_grpc.LanguageServiceStub(self.channel)
         self.metadata = bearer_metadata(token)
 
+    async def wait_ready(self, timeout: float) -> bool:
+        """Whether the channel connects within `timeout` seconds (it tries now)."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def model_info(self, timeout: float | None = None) -> language_pb2.ModelInfo:
         try:
             return await self.stub.GetModelInfo(language_pb2.GetModelInfoRequest(),

@@ -133,6 +133,10 @@ class VisionConfig(ServiceSettings):
     """Retries of a language call that fails UNAVAILABLE before any text was streamed."""
     language_backoff_s: float = Field(0.2, ge=0)
     """First retry delay; doubles each retry."""
+    language_reconnect_max_s: float = Field(1.0, gt=0)
+    """Longest pause between attempts to reconnect to a language service that is down
+    (gRPC's reconnect backoff, which otherwise grows to 120 s): how soon a restarted
+    service is found. A retry waits up to twice this for the connection."""
     stream_coalesce: bool = True
     """Merge the language service's text deltas that arrive while the previous event is
     still on its way to the client into one event (lossless: text and token ids

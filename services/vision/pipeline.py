@@ -14,7 +14,8 @@ service whether it takes this prompt and these parameters (`Validate`), so no im
 encoded for a request it would refuse, then takes the tokens of the one encoding
 (`TokenSource.encoded`); then streams the tokens to the language service and its answer
 back. A language call that fails UNAVAILABLE before any text is retried with backoff
-within the client's deadline.
+within the client's deadline, each retry first waiting for the channel to reconnect (a
+restarted language service is found within `language_reconnect_max_s`).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def language_client(config: VisionConfig) -> LanguageClient:
     if config.language_tls_ca_file:
         tls = channel_credentials(config.language_tls_ca_file, config.language_tls_cert_file,
                                   config.language_tls_key_file)
+    reconnect_ms = round(config.language_reconnect_max_s * 1e3)
     return LanguageClient(config.language_target, credentials=tls,
-                          options=[("grpc.lb_policy_name", config.language_lb_policy)],
+                          options=[("grpc.lb_policy_name", config.language_lb_policy),
+                                   ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+                                   ("grpc.max_reconnect_backoff_ms", reconnect_ms)],
                           token=secret_value(config.language_token))
 
 
@@ -226,12 +230,27 @@ class VisionPipeline:
         """The language service's verdict on this prompt and these parameters, before an
         image is encoded for them. A language service without `Validate` (older
         version) is not asked."""
-        try:
-            await self.language.validate(messages=turns, params=params, request_id=request_id,
-                                         timeout=min(5.0, remaining(deadline) or 5.0))
-        except ApiError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise UpstreamError(*language_status(exc, deadline)) from exc
+        for attempt in range(self.config.language_retries + 1):
+            try:
+                await self.language.validate(messages=turns, params=params,
+                                             request_id=request_id,
+                                             timeout=min(5.0, remaining(deadline) or 5.0))
+                return
+            except ApiError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return
+                if not (exc.code() == grpc.StatusCode.UNAVAILABLE
+                        and attempt < self.config.language_retries
+                        and await self._reconnected(deadline)):
+                    raise UpstreamError(*language_status(exc, deadline)) from exc
+
+    async def _reconnected(self, deadline: float | None) -> bool:
+        """Whether the language channel connects within twice `language_reconnect_max_s`
+        (and the deadline). A channel that failed to connect fails every call at once
+        until its next reconnect attempt; this waits for that attempt."""
+        wait = min(2 * self.config.language_reconnect_max_s,
+                   remaining(deadline) or float("inf"))
+        return await self.language.wait_ready(wait)
 
     async def _answer(self, request: vision_pb2.GenerateRequest, turns: Turns, tokens: Tokens,
                       request_id: str, arrival: float, deadline: float | None
@@ -271,6 +290,7 @@ class VisionPipeline:
                 log.warning("language service unavailable, retry %d: %s", attempt + 1,
                             exc.details())
                 await asyncio.sleep(backoff)
+                await self._reconnected(deadline)
 
     def _coalesced(self, parts: AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]
                    ) -> AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]:
