@@ -15,7 +15,8 @@ The merge is lossless: `merge(a, b)` gives one item equal to `a` then `b` (text 
 token ids concatenated), or None when `b` cannot join `a` (a final usage message),
 which then follows on its own. An error of the source (a CancelledError it raises
 itself included) comes after every item read before it; closing the coalesced stream
-cancels the reader, which closes the source.
+cancels the reader, which closes the source, and waits until it has (also when the
+closing call is cancelled meanwhile).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import asyncio
 import collections
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
+
+from services.common.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -79,9 +82,7 @@ async def coalesce(source: AsyncIterator[T], merge: Callable[[T, T], T | None],
                 item = merged
             yield item
     finally:
-        if not reader.done():
-            reader.cancel()
-            await asyncio.wait((reader,))
+        await cancel_and_wait(reader)  # nothing when it has finished
 
 
 async def _hold(item: T, pending: collections.deque[T], arrived: asyncio.Event,

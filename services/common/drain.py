@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from services.common.errors import UnavailableError
+from services.common.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -86,7 +87,8 @@ class Drain:
     async def until_expired(self, events: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         """`events`, until the grace expires: then `UnavailableError(expiry)` instead of
         the next event. `events` is advanced in a task of its own, so the wait for its next
-        event can be abandoned; it is cancelled, not left running, when this ends."""
+        event can be abandoned; it is cancelled and waited for, not left running, when this
+        ends."""
         expired = asyncio.ensure_future(self._expired.wait())
         step: asyncio.Task[T] | None = None
         try:
@@ -103,6 +105,5 @@ class Drain:
                 yield event
         finally:
             expired.cancel()
-            if step is not None and not step.done():
-                step.cancel()
-                await asyncio.wait((step,))
+            if step is not None:
+                await cancel_and_wait(step)
