@@ -50,6 +50,9 @@ class ServerThread:
         return language_pb2_grpc.LanguageServiceStub(channel)
 
     def stop(self, grace: float = 0.0) -> None:
+        """Stop the server and its loop; nothing when stopped already."""
+        if not self.thread.is_alive():
+            return
         if self.running:
             asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)

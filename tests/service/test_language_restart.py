@@ -50,5 +50,8 @@ def test_the_first_request_after_the_language_service_returns_is_answered(
         assert context.code_set is None, context.details_set
         assert [e.WhichOneof("event") for e in events][-1] == "usage"
 
-    run(scenario, encoder_object, redis_url, language_target=f"127.0.0.1:{port}",
-        language_retries=2)
+    try:
+        run(scenario, encoder_object, redis_url, language_target=f"127.0.0.1:{port}",
+            language_retries=2)
+    finally:
+        language.stop()
