@@ -88,7 +88,7 @@ def language_client(config: VisionConfig) -> LanguageClient:
     if config.language_tls_ca_file:
         tls = channel_credentials(config.language_tls_ca_file, config.language_tls_cert_file,
                                   config.language_tls_key_file)
-    reconnect_ms = round(config.language_reconnect_max_s * 1e3)
+    reconnect_ms = max(1, round(config.language_reconnect_max_s * 1e3))
     return LanguageClient(config.language_target, credentials=tls,
                           options=[("grpc.lb_policy_name", config.language_lb_policy),
                                    ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
