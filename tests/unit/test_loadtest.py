@@ -154,3 +154,17 @@ def test_soak_report_states_the_limits_the_code_and_config_set(tmp_path, monkeyp
                    "steady_from_s": 5.0}, "cmd", "machine")
     assert "runs 7 encodes per replica and queues 5." in text
     assert "and 11 more may wait" in text
+
+
+def test_the_relay_report_bounds_a_shared_machine_by_engine_and_relay_paid_in_turn():
+    from loadtest.micro.relay import Point, serial_share
+
+    def points(*rates):
+        return [Point(clients, rate, 0.0, 1.0) for clients, rate in zip((1, 8), rates,
+                                                                          strict=True)]
+
+    text = serial_share({"engine": points(1000, 600), "ceiling": points(1000, 300),
+                         "system": points(250, 200)}, "engine", "ceiling", "system")
+    # 1 / (1/1000 + 1/1000) = 500 and 1 / (1/600 + 1/300) = 200
+    assert "= 500, 200 tokens/s at 1, 8 client(s)" in text
+    assert "reaches 50%, 100% of that" in text
