@@ -106,8 +106,10 @@ def _sorted_distribution(logits: torch.Tensor, temperature: torch.Tensor,
     # <= 0 everywhere and exactly 0 at the top, so dividing by any positive temperature
     # can only push the others towards -inf (probability 0), never produce inf - inf
     scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature[:, None]
-    probs, order = torch.sort(torch.softmax(scores, dim=-1), dim=-1, descending=True,
-                              stable=True)
+    # ordered by the scores, not the probabilities: logits closer than softmax resolves
+    # get equal probabilities, and the top one must still come first
+    scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    probs = torch.softmax(scores, dim=-1)
     outside = torch.cumsum(probs, dim=-1) - probs > top_p[:, None]
     outside[:, 0] = False  # the most likely token stays, whatever top_p is
     return probs.masked_fill(outside, 0.0), order

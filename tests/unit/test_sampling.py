@@ -64,6 +64,7 @@ def test_a_temperature_too_small_to_divide_by_picks_the_greedy_token(temperature
 @given(score_rows, temperatures, top_ps, seeds)
 @example([0.0, -1.0, 3.0], 1.4e-45, 1.0, 0)
 @example([FLOAT32_MAX, -FLOAT32_MAX, 0.0], 5e-324, 5e-324, 2**64 - 1)
+@example([0.0, 1.401298464324817e-45], 2.0, 5e-324, 0)  # softmax ties what the logits order
 def test_every_accepted_parameter_gives_a_valid_token(row, temperature, top_p, seed):
     logits = torch.tensor(row, dtype=torch.float32)
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
@@ -75,6 +76,17 @@ def test_every_accepted_parameter_gives_a_valid_token(row, temperature, top_p, s
         assert bool(torch.isfinite(probs).all()) and float(probs.min()) >= 0.0
         assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-9)
         assert float(probs[logits == logits.max()].sum()) > 0.0  # a top token always stays
+
+
+@pytest.mark.parametrize("row", [[0.0, 1.401298464324817e-45], [1e-20, 0.0, 2e-20, 1.5e-20],
+                                 [0.0, -1e-30, 1e-30, -math.inf]])
+def test_the_smallest_top_p_keeps_the_greedy_token_where_softmax_ties_it_with_another(row):
+    """Logits closer than float64's softmax can tell apart give equal probabilities; the
+    token a top-p of one token keeps is still the logits' argmax, as greedy decoding's."""
+    logits = torch.tensor(row, dtype=torch.float32)
+    greedy = sample(logits, SamplingParams(temperature=0.0), generator())
+    assert {sample(logits, SamplingParams(temperature=2.0, top_p=1e-9, seed=seed),
+                   generator(seed)) for seed in range(10)} == {greedy}
 
 
 def test_top_p_keeps_the_smallest_set_holding_that_mass_and_never_nothing():
