@@ -219,32 +219,6 @@ def test_closing_the_stream_closes_its_source():
     assert asyncio.run(main())
 
 
-def test_cancelling_the_writer_closes_the_source():
-    async def main():
-        closed = asyncio.Event()
-
-        async def stalled():
-            try:
-                yield Delta("x", [1])
-                await asyncio.Event().wait()
-                yield DONE
-            finally:
-                closed.set()
-
-        async def write():
-            async for _ in coalesce(stalled(), merge_deltas):
-                pass
-
-        task = asyncio.ensure_future(write())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return closed.is_set()
-
-    assert asyncio.run(main())
-
-
 def test_a_negative_interval_is_refused():
     async def main():
         await anext(coalesce(source([]), merge_deltas, -1.0))
