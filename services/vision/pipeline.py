@@ -104,6 +104,8 @@ def first_question(turns: Turns) -> str:
     reuses. A method that does not read the question keeps the same tokens for every
     question about an image anyway."""
     return next((text for role, text in turns if role == "user"), "")
+
+
 def merge_text_deltas(first: common_pb2.TextDelta | common_pb2.Usage,
                       then: common_pb2.TextDelta | common_pb2.Usage
                       ) -> common_pb2.TextDelta | None:
@@ -229,7 +231,7 @@ class VisionPipeline:
                         request_id: str, deadline: float | None) -> None:
         """The language service's verdict on this prompt and these parameters, before an
         image is encoded for them. A language service without `Validate` (older
-        version) is not asked."""
+        version) is not asked; one that is UNAVAILABLE is retried as the answer is."""
         for attempt in range(self.config.language_retries + 1):
             try:
                 await self.language.validate(messages=turns, params=params,
@@ -239,18 +241,26 @@ class VisionPipeline:
             except ApiError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return
-                if not (exc.code() == grpc.StatusCode.UNAVAILABLE
-                        and attempt < self.config.language_retries
-                        and await self._reconnected(deadline)):
-                    raise UpstreamError(*language_status(exc, deadline)) from exc
+                code, message = language_status(exc, deadline)
+                if not await self._retrying(code, message, attempt, deadline):
+                    raise UpstreamError(code, message) from exc
 
-    async def _reconnected(self, deadline: float | None) -> bool:
-        """Whether the language channel connects within twice `language_reconnect_max_s`
-        (and the deadline). A channel that failed to connect fails every call at once
-        until its next reconnect attempt; this waits for that attempt."""
-        wait = min(2 * self.config.language_reconnect_max_s,
-                   remaining(deadline) or float("inf"))
-        return await self.language.wait_ready(wait)
+    async def _retrying(self, code: grpc.StatusCode, message: str, attempt: int,
+                        deadline: float | None) -> bool:
+        """Whether a language call that failed with `code` on try `attempt` (from 0) is
+        tried again: UNAVAILABLE, with retries left and time for the backoff before the
+        deadline. If so, after the backoff it waits for the channel to connect (at most
+        twice `language_reconnect_max_s`): a channel that failed to connect fails every
+        call at once until its next reconnect attempt."""
+        backoff = self.config.language_backoff_s * 2 ** attempt
+        if (code != grpc.StatusCode.UNAVAILABLE or attempt >= self.config.language_retries
+                or (remaining(deadline) or backoff + 1) <= backoff):
+            return False
+        log.warning("retry %d of a language call: %s", attempt + 1, message)
+        await asyncio.sleep(backoff)
+        await self.language.wait_ready(min(2 * self.config.language_reconnect_max_s,
+                                           remaining(deadline) or float("inf")))
+        return True
 
     async def _answer(self, request: vision_pb2.GenerateRequest, turns: Turns, tokens: Tokens,
                       request_id: str, arrival: float, deadline: float | None
@@ -281,16 +291,8 @@ class VisionPipeline:
                 return
             except ApiError as exc:
                 code, message = language_status(exc, deadline)
-                backoff = self.config.language_backoff_s * 2 ** attempt
-                retry = (not first_ms and code == grpc.StatusCode.UNAVAILABLE
-                         and attempt < self.config.language_retries
-                         and (remaining(deadline) or backoff + 1) > backoff)
-                if not retry:
+                if first_ms or not await self._retrying(code, message, attempt, deadline):
                     raise UpstreamError(code, message) from exc
-                log.warning("language service unavailable, retry %d: %s", attempt + 1,
-                            exc.details())
-                await asyncio.sleep(backoff)
-                await self._reconnected(deadline)
 
     def _coalesced(self, parts: AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]
                    ) -> AsyncGenerator[common_pb2.TextDelta | common_pb2.Usage, None]:
