@@ -72,6 +72,8 @@ def kv_cache_section() -> str:
 
 def prefix_share_section() -> str:
     return prefix_share.report(prefix_share.run())
+
+
 def relay_section() -> str:
     return relay.report(relay.run())
 

@@ -105,6 +105,15 @@ def pruner(vlm):
 
 
 @pytest.fixture(scope="session")
+def packed(pruner, photo):
+    """HERO's tokens of the photo for one question at retention 0.111 (tests read them,
+    never change them)."""
+    from hero_core.methods import create_method
+
+    return pruner.prune(photo, "What is held?", create_method("hero"), 0.111).packed
+
+
+@pytest.fixture(scope="session")
 def photo() -> Image.Image:
     """A real public-domain photo (scikit-image's astronaut, 512x512)."""
     import skimage.data

@@ -74,13 +74,7 @@ async def coalesce(source: AsyncIterator[T], merge: Callable[[T, T], T | None],
                 item = await _hold(item, pending, arrived, ended, merge,
                                    loop.time() + interval_s)
             first = False
-            while pending:
-                merged = merge(item, pending[0])
-                if merged is None:
-                    break
-                pending.popleft()
-                item = merged
-            yield item
+            yield _merged(item, pending, merge)
     finally:
         await cancel_and_wait(reader)  # nothing when it has finished
 
@@ -92,12 +86,9 @@ async def _hold(item: T, pending: collections.deque[T], arrived: asyncio.Event,
     source ends or sends something that cannot be merged."""
     loop = asyncio.get_running_loop()
     while True:
-        while pending:
-            merged = merge(item, pending[0])
-            if merged is None:
-                return item
-            pending.popleft()
-            item = merged
+        item = _merged(item, pending, merge)
+        if pending:  # what follows cannot join it
+            return item
         left = until - loop.time()
         if ended or left <= 0:
             return item
@@ -106,3 +97,14 @@ async def _hold(item: T, pending: collections.deque[T], arrived: asyncio.Event,
             await asyncio.wait_for(arrived.wait(), left)
         except TimeoutError:
             return item
+
+
+def _merged(item: T, pending: collections.deque[T], merge: Callable[[T, T], T | None]) -> T:
+    """`item` merged with the pending items that can join it, taken off `pending`."""
+    while pending:
+        merged = merge(item, pending[0])
+        if merged is None:
+            break
+        pending.popleft()
+        item = merged
+    return item

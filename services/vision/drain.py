@@ -105,8 +105,6 @@ def follow(drain: Drain) -> asyncio.Task[None] | None:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return None
-    if not ray.is_initialized():
-        return None
     try:
         serve.get_replica_context()
     except RayServeException:

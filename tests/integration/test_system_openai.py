@@ -194,9 +194,8 @@ def test_past_the_language_queue_the_answer_is_429_with_retry_after(system, oa, 
     """The language service batches 2 and queues 4 (conftest): of 14 long answers at
     once, those past its queue are refused with 429 before any text was sent."""
     url = data_uri(png(photo))
-    run_once = oa.chat.completions.create(model="tiny", messages=messages(url, Q1),
-                                          max_tokens=2)  # cached: calls reach the queue
-    assert run_once.usage.hero["cache_hit"] in (True, False)
+    oa.chat.completions.create(model="tiny", messages=messages(url, Q1),
+                               max_tokens=2)  # cached: calls reach the queue
 
     def one(i: int) -> tuple[int, str | None]:
         response = post(system, {"messages": messages(url, LONG), "max_tokens": 256,

@@ -22,7 +22,6 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hero_core.methods import create_method
 from services.language.batching import BatchingEngine
 from services.language.config import BatchingConfig
 from services.language.decoding import NonFiniteLogitsError, SamplingParams
@@ -95,11 +94,6 @@ class Harness(BatchingEngine):
         if any(self._due(seq, ("forward",)) for seq in rows):
             raise Injected("the forward failed on this row")
         return super()._run_decode(rows)
-
-
-@pytest.fixture(scope="module")
-def packed(pruner, photo):
-    return pruner.prune(photo, "What is held?", create_method("hero"), 0.111).packed
 
 
 @pytest.fixture(scope="module")

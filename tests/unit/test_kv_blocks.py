@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from hero_core.methods import create_method
 from services.language.batching.blocks import BlockManager, block_hash
 from services.language.batching.prefix import PrefixKeys
 from services.language.decoding import SamplingParams
@@ -76,11 +75,6 @@ def test_a_prefix_cached_twice_keeps_its_first_block_and_caching_can_be_off():
     off = BlockManager(4, 4, prefix_cache=False)
     off.register(off.take([], 1)[0], b"x")
     assert off.lookup([b"x"]) == [] and off.cached == 0
-
-
-@pytest.fixture(scope="module")
-def packed(pruner, photo):
-    return pruner.prune(photo, "What is held?", create_method("hero"), 0.111).packed
 
 
 def keys(language_model, packed, question="What is the astronaut holding?"):

@@ -49,11 +49,6 @@ class PrefixLog:
         self.preemptions += 1
 
 
-@pytest.fixture(scope="module")
-def packed(pruner, photo):
-    return pruner.prune(photo, "What is held?", create_method("hero"), 0.111).packed
-
-
 def engine_with_log(language_model, **settings):
     engine = RecordingEngine(language_model, BatchingConfig(**settings))
     engine.observer = PrefixLog()

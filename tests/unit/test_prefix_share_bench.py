@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from hero_core.methods import create_method
 from loadtest.micro.prefix_share import common_blocks, visual_prefix
 from tests.unit.test_kv_blocks import spoiled
-
-
-@pytest.fixture(scope="module")
-def packed(pruner, photo):
-    return pruner.prune(photo, "What is held?", create_method("hero"), 0.111).packed
 
 
 def test_the_same_kept_tokens_share_the_whole_visual_prefix_whatever_the_question(vlm,

@@ -80,8 +80,6 @@ def describe(exc: BaseException, request_id: str) -> tuple[int, dict[str, str], 
     param = getattr(exc, "param", None)
     if isinstance(exc, HttpError):
         status, kind, code = exc.status, "invalid_request_error", exc.code
-        if status >= 500:
-            kind = "server_error"
         message, name = public_details(str(exc)), f"HTTP_{status}"
     else:
         grpc_code, message = status_for(exc, request_id)
