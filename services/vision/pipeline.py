@@ -201,6 +201,21 @@ class VisionPipeline:
                 raise
             raise DeadlineError("the deadline passed before the tokens were sent") from exc
 
+    async def selection(self, request: vision_pb2.PruneRequest, *,
+                        deadline: float | None) -> Tokens:
+        """The tokens a Prune request asks for, checked as Prune checks it, without
+        encoding their features for the wire: what a picture of the selection reads."""
+        try:
+            with self.drain.admit():
+                check_prune(request, self.config)
+                check_deadline(deadline)
+                return await self.tokens.tokens(request.image, request.prune,
+                                                request.question, deadline=deadline)
+        except asyncio.CancelledError as exc:
+            if not ended_by_deadline(deadline):
+                raise
+            raise DeadlineError("the deadline passed before the tokens were selected") from exc
+
     async def tiling(self) -> TilingSpec:
         """How the encoder cuts images (the geometry of a layout's tiles)."""
         return (await self.tokens.spec()).tiling

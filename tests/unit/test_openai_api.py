@@ -21,7 +21,6 @@ from hero_core.packing import PackedTokens
 from hero_core.tiling import TilingSpec, plan_grid
 from hero_core.viz import tile_boxes
 from services.common.auth import BearerTokens
-from services.common.codec import layout_message
 from services.common.errors import (
     DeadlineError,
     NotFoundError,
@@ -38,6 +37,7 @@ from services.vision.openai.images import allowed_host, decode_data_uri, image_i
 from services.vision.openai.responses import Answer, collect, stream
 from services.vision.openai.schema import parse_request
 from services.vision.playground import assets
+from services.vision.tokens import Tokens
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -282,12 +282,10 @@ class CannedPipeline:
         yield delta("hi")
         yield usage_event()
 
-    async def prune(self, request, *, deadline, request_id):
+    async def selection(self, request, *, deadline):
         self.requests.append(request)
-        yield vision_pb2.PruneResponse(accepted=ACCEPTED)
-        yield vision_pb2.PruneResponse(tokens=vision_pb2.PrunedTokens(
-            layout=layout_message(SELECTION)))
-        raise AssertionError("the features are not read")
+        return Tokens(packed=SELECTION, image_id=IMAGE_ID, cache_hit=True, vision_ms=1.0,
+                      queue_ms=0.0)
 
     async def tiling(self) -> TilingSpec:
         return TilingSpec()
@@ -438,7 +436,7 @@ def test_the_layout_endpoint_gives_each_kept_token_its_box_and_each_tile_its_bud
     assert (request.image.image_id, request.question) == (IMAGE_ID, "Which car?")
     assert (request.prune.method, layout["method"], layout["retention"]) == \
         ("fastervlm", "fastervlm", 0.25)
-    assert layout["hero"]["visual_tokens_kept"] == ACCEPTED.tokens_kept
+    assert layout["hero"]["visual_tokens_kept"] == SELECTION.num_tokens
     assert (layout["grid"], layout["image"]) == ({"rows": 1, "cols": 3},
                                                  {"width": 900, "height": 400})
     assert [t["kept"] for t in layout["tiles"]] == [1, 0, 2]
