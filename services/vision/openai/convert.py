@@ -18,6 +18,7 @@ from services.vision.openai.images import image_input
 from services.vision.openai.schema import (
     BadField,
     ChatCompletionRequest,
+    HeroOptions,
     ImagePart,
     Message,
 )
@@ -77,17 +78,20 @@ def generation_params(body: ChatCompletionRequest, config: VisionConfig
         stop=body.stop_strings(), ignore_eos=body.ignore_eos)
 
 
+def prune_options(hero: HeroOptions | None) -> vision_pb2.PruneOptions:
+    """A request's HERO settings as the pipeline reads them (unset: its defaults)."""
+    return vision_pb2.PruneOptions(method=hero.method if hero else "",
+                                   retention=hero.retention if hero else 0.0)
+
+
 async def generate_request(body: ChatCompletionRequest, config: VisionConfig,
                            request_id: str) -> vision_pb2.GenerateRequest:
     """The pipeline's request for `body`, its image fetched when it is a remote URL."""
     turns, url = conversation(body.messages)
     params = generation_params(body, config)
-    hero = body.hero
     request = vision_pb2.GenerateRequest(
         request_id=request_id, image=await image_input(url, config),
-        prune=vision_pb2.PruneOptions(method=hero.method if hero else "",
-                                      retention=hero.retention if hero else 0.0),
-        params=params)
+        prune=prune_options(body.hero), params=params)
     request.chat.messages.extend(common_pb2.ChatMessage(role=role, content=text)
                                  for role, text in turns)
     return request

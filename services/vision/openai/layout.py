@@ -15,6 +15,7 @@ from hero.vision.v1 import vision_pb2
 from hero_core.tiling import TilingSpec, plan_grid
 from hero_core.viz import tile_boxes, token_boxes
 from services.vision.config import VisionConfig
+from services.vision.openai.convert import prune_options
 from services.vision.openai.images import image_input
 from services.vision.openai.responses import accepted_figures
 from services.vision.openai.schema import LayoutRequest
@@ -28,12 +29,9 @@ def _boxes(boxes: list[tuple[float, float, float, float]]) -> list[list[float]]:
 async def prune_request(body: LayoutRequest, config: VisionConfig,
                         request_id: str) -> vision_pb2.PruneRequest:
     """The pipeline's Prune request for `body` (its image fetched when a remote URL)."""
-    hero = body.hero
     return vision_pb2.PruneRequest(
         request_id=request_id, image=await image_input(body.image_url, config),
-        question=body.question,
-        prune=vision_pb2.PruneOptions(method=hero.method if hero else "",
-                                      retention=hero.retention if hero else 0.0))
+        question=body.question, prune=prune_options(body.hero))
 
 
 async def selection_layout(pipeline: Any, tiling: TilingSpec, body: LayoutRequest,
