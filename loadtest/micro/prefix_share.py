@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ def visual_prefix(tokenizer: Any, image_token_id: int, packed: Any,
     return keys.upto(keys.image_end // BLOCK, [])
 
 
-def common_blocks(a: list[bytes], b: list[bytes]) -> int:
-    """Leading blocks the two prompts have in common."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items `a` and `b` have in common (blocks, token ids, ...)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
 
 
 def run(images: int = IMAGES) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def run(images: int = IMAGES) -> dict[str, Any]:
             for q1, q2 in itertools.combinations(QUESTIONS, 2):
                 (kept, a), (_, b) = prefixes[q1], prefixes[q2]
                 rows[name].append({"image": seed, "kept": kept, "blocks": len(a),
-                                   "common": common_blocks(a, b)})
+                                   "common": common_prefix(a, b)})
     return {"retention": retention, "rows": rows, "images": images}
 
 

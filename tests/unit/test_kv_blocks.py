@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from loadtest.micro.prefix_share import common_prefix
 from services.language.batching.blocks import BlockManager, block_hash
 from services.language.batching.prefix import PrefixKeys
 from services.language.decoding import SamplingParams
@@ -87,10 +88,6 @@ def full_blocks(k):
     return len(k.prompt_ids) // BLOCK
 
 
-def first_difference(a, b):
-    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-
-
 def test_questions_about_the_same_kept_tokens_share_every_block_through_the_image(
         language_model, packed):
     """The prompt puts the image before the question, so two questions share the text
@@ -99,7 +96,7 @@ def test_questions_about_the_same_kept_tokens_share_every_block_through_the_imag
     assert one.image_start < 10 and one.image_end == one.image_start + packed.num_embeddings
     a, b = one.upto(full_blocks(one), []), two.upto(full_blocks(two), [])
     assert one.prompt_ids[:one.image_end] == two.prompt_ids[:two.image_end]
-    assert first_difference(a, b) >= one.image_end // BLOCK
+    assert common_prefix(a, b) >= one.image_end // BLOCK
 
 
 def spoiled(packed, token, **change):
@@ -124,7 +121,7 @@ def test_kept_tokens_that_differ_in_one_index_share_nothing_from_its_block_on(
     a, b = base.upto(n, []), other.upto(n, [])
     newlines = int(packed.newline_after[:token].sum())
     position = base.image_start + token + newlines
-    assert first_difference(a, b) == position // BLOCK
+    assert common_prefix(a, b) == position // BLOCK
     assert all(x != y for x, y in zip(a[position // BLOCK:], b[position // BLOCK:],
                                       strict=True))
 
@@ -133,7 +130,7 @@ def test_the_same_values_in_another_dtype_are_another_input(language_model, pack
     half = dataclasses.replace(packed, features=packed.features.to(torch.float16))
     rounded = dataclasses.replace(packed, features=half.features.to(torch.float32))
     a, b = keys(language_model, rounded), keys(language_model, half)
-    assert first_difference(a.upto(full_blocks(a), []), b.upto(full_blocks(b), [])) == (
+    assert common_prefix(a.upto(full_blocks(a), []), b.upto(full_blocks(b), [])) == (
         a.image_start // BLOCK)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from hero_core.errors import InvalidInputError
 from hero_core.methods import create_method
+from loadtest.micro.prefix_share import common_prefix
 from services.common.errors import UnavailableError
 from services.language.config import BatchingConfig
 from tests.unit.test_batched_engine import (
@@ -103,8 +104,7 @@ def test_a_later_turn_of_a_conversation_reuses_the_first_turns_prompt(language_m
     (ref,), ref_engine = answers(language_model, [later], prefix_cache=False)
     ids = [language_model.prompt_ids(r).tolist() for r in (first, later)]
     first_ids, later_ids = ids
-    common = next((i for i, (a, b) in enumerate(zip(first_ids, later_ids, strict=False))
-                   if a != b), len(first_ids))
+    common = common_prefix(first_ids, later_ids)
     in_common = common - 1 + packed.num_embeddings  # the image placeholder spreads out
     (_, first_hits), (tokens, hits) = engine.observer.admissions
     assert first_hits == 0 and in_common > 7 + packed.num_embeddings

@@ -22,6 +22,7 @@ import torch
 
 from hero_core.methods import create_method
 from hero_core.models import load_vlm, resolve_spec
+from loadtest.micro.prefix_share import common_prefix
 from services.language.config import VllmConfig
 from services.language.decoding import SamplingParams
 from services.language.model import EngineRequest
@@ -200,7 +201,6 @@ def test_identical_requests_hand_vllm_bit_identical_embeddings(embeddings_model,
                      ).nonzero()[0]) + packed.num_embeddings
     assert torch.equal(followed[:image_end], alone[:image_end])
     first, then = block_keys(alone), block_keys(followed)
-    same_upto = next((i for i, (a, b) in enumerate(zip(first, then, strict=False)) if a != b),
-                  len(first))
+    same_upto = common_prefix(first, then)
     assert same_upto >= image_end // 16 and same_upto > 0
     assert block_keys(handed[language_model.prompt_tokens(beside)])[0] != first[0]
