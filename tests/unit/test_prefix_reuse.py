@@ -16,6 +16,7 @@ import pytest
 
 from hero_core.errors import InvalidInputError
 from hero_core.methods import create_method
+from loadtest.micro.kv_cache import Observer
 from loadtest.micro.prefix_share import common_prefix
 from services.common.errors import UnavailableError
 from services.language.config import BatchingConfig
@@ -30,29 +31,9 @@ from tests.unit.test_batched_engine import (
 from tests.unit.test_kv_blocks import spoiled
 
 
-class PrefixLog:
-    """An engine observer keeping what each admission found in the prefix cache."""
-
-    def __init__(self) -> None:
-        self.admissions: list[tuple[int, int]] = []
-        self.preemptions = 0
-
-    def observe_step(self, batch_size: int, seconds: float) -> None:
-        pass
-
-    def observe_queue_wait(self, seconds: float) -> None:
-        pass
-
-    def observe_prefix_cache(self, tokens: int, hit_tokens: int) -> None:
-        self.admissions.append((tokens, hit_tokens))
-
-    def observe_preemption(self) -> None:
-        self.preemptions += 1
-
-
 def engine_with_log(language_model, **settings):
     engine = RecordingEngine(language_model, BatchingConfig(**settings))
-    engine.observer = PrefixLog()
+    engine.observer = Observer()  # its lookups: what each admission found cached
     return engine
 
 
@@ -85,10 +66,10 @@ def test_a_follow_up_question_reuses_the_image_and_gets_the_same_answer(language
     follow = request("follow", packed, "Describe the colours of the suit.", 40)
     (_, got), engine = answers(language_model, [first, follow])
     (ref,), ref_engine = answers(language_model, [follow], prefix_cache=False)
-    (_, first_hits), (tokens, hits) = engine.observer.admissions
+    (_, first_hits), (tokens, hits) = engine.observer.lookups
     image_end = 7 + packed.num_embeddings  # "USER: " and the image come first
     assert first_hits == 0 and hits >= image_end // 16 * 16 and hits < tokens
-    assert ref_engine.observer.admissions == [(tokens, 0)]
+    assert ref_engine.observer.lookups == [(tokens, 0)]
     assert_same_answer("follow", got, engine, ref, ref_engine)
 
 
@@ -106,7 +87,7 @@ def test_a_later_turn_of_a_conversation_reuses_the_first_turns_prompt(language_m
     first_ids, later_ids = ids
     common = common_prefix(first_ids, later_ids)
     in_common = common - 1 + packed.num_embeddings  # the image placeholder spreads out
-    (_, first_hits), (tokens, hits) = engine.observer.admissions
+    (_, first_hits), (tokens, hits) = engine.observer.lookups
     assert first_hits == 0 and in_common > 7 + packed.num_embeddings
     assert in_common // 16 * 16 <= hits < tokens
     assert_same_answer("turn-2", got, engine, ref, ref_engine)
@@ -115,7 +96,7 @@ def test_a_later_turn_of_a_conversation_reuses_the_first_turns_prompt(language_m
 def test_the_same_request_again_reuses_its_prompt_and_its_answer(language_model, packed):
     ask = request("again", packed, "What is the astronaut holding?", 40)
     (ref, got), engine = answers(language_model, [ask, ask])
-    (tokens, first), (_, second) = engine.observer.admissions
+    (tokens, first), (_, second) = engine.observer.lookups
     assert first == 0 and second == (tokens - 1) // 16 * 16
     assert got.tokens == ref.tokens
 
@@ -128,7 +109,7 @@ def test_kept_tokens_differing_in_one_index_share_only_the_blocks_before_it(lang
     other = request("other", spoiled(packed, token), "What is the astronaut holding?", 30)
     (_, got), engine = answers(language_model, [base, other])
     (ref,), ref_engine = answers(language_model, [other], prefix_cache=False)
-    assert engine.observer.admissions[1][1] == position // 16 * 16
+    assert engine.observer.lookups[1][1] == position // 16 * 16
     assert_same_answer("other", got, engine, ref, ref_engine)
 
 
