@@ -74,7 +74,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     Serve's HTTP proxy reads a body ahead of the replica, with no backpressure, so a body
     of unknown length (chunked) would be held in memory up to the size the client sends
     in the time the replica needs to count to `limit`; hence the length is required
-    (every OpenAI client sends it)."""
+    (every OpenAI client sends it). A request whose body was read whole is marked
+    (`request.state.read`)."""
     length = request.headers.get("content-length")
     if length is None:
         raise HttpError(411, "length_required", "send the body with a Content-Length "
@@ -94,6 +95,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise HttpError(400, "client_disconnected", "the client went away before the "
                         "body was complete") from None
+    request.state.read = True  # an error answer from here on may keep the connection
     return bytes(body)
 
 
@@ -191,7 +193,6 @@ class OpenAIApi:
     async def chat(self, request: Request, metadata: Metadata, request_id: str) -> Response:
         deadline = deadline_of(metadata)
         data = await read_body(request, self.config.max_http_body_bytes)
-        request.state.read = True
         body = parse_request(data)
         check_model(body, self.served)
         generate = await generate_request(body, self.config, request_id)
@@ -220,7 +221,6 @@ class OpenAIApi:
     async def layout(self, request: Request, metadata: Metadata, request_id: str) -> Response:
         deadline = deadline_of(metadata)
         data = await read_body(request, self.config.max_http_body_bytes)
-        request.state.read = True
         body = parse_layout_request(data)
         tiling = await self.pipeline.tiling()
         return JSONResponse(await selection_layout(self.pipeline, tiling, body, self.config,
